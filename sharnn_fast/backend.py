@@ -1,0 +1,126 @@
+"""The one place that decides which implementation of an op runs.
+
+Precedence, first match wins: the call's ``backend=`` argument (the model passes its own ``backend``
+this way), then :func:`set_backend`, then the ``SHARNN_FAST_BACKEND`` environment variable, then
+``"auto"``.
+
+An op describes its implementations with :class:`Implementation`; :func:`choose` picks one. A backend
+asked for explicitly that cannot run raises :class:`BackendUnavailableError` saying why and how to fix
+it. ``"auto"`` walks the preference list for the device (fastest first, as measured by the benchmarks
+in ``benchmarks/``) and silently takes the first implementation that can run; :func:`explain` reports
+what ran and why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "cuda")
+CHOICES = BACKENDS + ("auto",)
+ENV_VAR = "SHARNN_FAST_BACKEND"
+
+# Fastest first, per op and device type. CPU: PyTorch's fused kernels (oneDNN LSTM, SDPA, the
+# two-kernel Boom) beat the step-by-step reference; see benchmarks/bench_model.py.
+# Later kernels slot in ahead of "torch" once their benchmarks show they win.
+_AUTO_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
+    "lstm": {"cuda": ("cuda", "triton", "torch", "reference")},
+    "attention": {"cuda": ("triton", "torch", "reference")},
+    "boom": {"cuda": ("triton", "torch", "reference")},
+}
+_DEFAULT_PREFERENCE = ("torch", "reference")
+
+log = logging.getLogger("sharnn_fast.backend")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs."""
+
+
+def _never_unsupported(*args, **kwargs) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One way to compute an op.
+
+    ``run`` takes the op's arguments; ``why_not`` takes the same arguments and returns ``None`` when
+    ``run`` can handle them, else a sentence saying why not and how to fix it.
+    """
+
+    run: Callable
+    why_not: Callable[..., Optional[str]] = _never_unsupported
+
+
+_process_backend: Optional[str] = None
+_last_choice: dict[str, str] = {}
+
+
+def validate_backend(name, argument: str = "backend") -> str:
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"{argument} must be one of {', '.join(map(repr, CHOICES))}; got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide backend (``None`` restores the environment variable or ``"auto"``)."""
+    global _process_backend
+    _process_backend = None if name is None else validate_backend(name)
+
+
+def get_backend() -> str:
+    """The process-wide backend: :func:`set_backend`, else ``$SHARNN_FAST_BACKEND``, else ``"auto"``."""
+    if _process_backend is not None:
+        return _process_backend
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        return validate_backend(from_env.strip(), argument=f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+def _missing(op: str, name: str) -> str:
+    return (f"sharnn_fast has no {name!r} implementation of {op} in this version; "
+            f"use backend='torch' or backend='auto'")
+
+
+def choose(op: str, requested: Optional[str], implementations: Mapping[str, Implementation],
+           device: torch.device, *args, **kwargs) -> Implementation:
+    """Pick the implementation of ``op`` for these arguments (``*args, **kwargs`` are the op's)."""
+    name = get_backend() if requested is None else validate_backend(requested)
+    if name != "auto":
+        impl = implementations.get(name)
+        reason = _missing(op, name) if impl is None else impl.why_not(*args, **kwargs)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} cannot run {op}: {reason}")
+        _record(op, name, f"requested explicitly, on {device.type}")
+        return impl
+
+    skipped = []
+    preference = _AUTO_PREFERENCE.get(op, {}).get(device.type, _DEFAULT_PREFERENCE)
+    for candidate in preference:
+        impl = implementations.get(candidate)
+        reason = _missing(op, candidate) if impl is None else impl.why_not(*args, **kwargs)
+        if reason is None:
+            why = f"auto on {device.type}" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+            _record(op, candidate, why)
+            return impl
+        skipped.append(f"{candidate} ({reason})")
+    raise BackendUnavailableError(f"no backend can run {op} on {device.type}: {'; '.join(skipped)}")
+
+
+def _record(op: str, name: str, why: str) -> None:
+    line = f"{op}: {name} ({why})"
+    if _last_choice.get(op) != line:
+        _last_choice[op] = line
+        log.debug(line)
+
+
+def explain() -> str:
+    """Which implementation ran last for each op, and why."""
+    if not _last_choice:
+        return "no sharnn_fast op has run yet in this process"
+    return "\n".join(_last_choice[op] for op in sorted(_last_choice))

@@ -1,0 +1,303 @@
+"""SHA-RNN (Merity 2019), drop-in for the published ``model.SHARNN``.
+
+Same constructor and forward arguments, return values, parameter names and shapes, initialisation
+(with the same random seed, the same weights) and float32 numerics; see shared/SPEC.md. The heavy
+lifting goes through :mod:`sharnn_fast.ops`, so the backend decides how each op runs.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .backend import validate_backend
+
+LN_EPS = 1e-12
+
+
+def _layer_norm(d: int) -> nn.LayerNorm:
+    return nn.LayerNorm(d, eps=LN_EPS)
+
+
+class Overparam(nn.Module):
+    """The value gate's over-parameterisation: [c, f] = l1(z); sigmoid(f) * tanh(c)."""
+
+    def __init__(self, nhid: int):
+        super().__init__()
+        self.l1 = nn.Linear(nhid, 2 * nhid)
+        self.nhid = nhid
+
+    def forward(self, z):
+        c, f = self.l1(z).split(self.nhid, dim=-1)
+        return torch.sigmoid(f) * torch.tanh(c)
+
+
+class Attention(nn.Module):
+    """The single head: learned sigmoid gates on q, k and v, a projected and normalised query."""
+
+    def __init__(self, nhid: int, dropout: float):
+        super().__init__()
+        # Registration order matters: it fixes the order in which construction draws random
+        # numbers, so a seed gives the same weights as the published model.
+        self.qs = nn.Parameter(torch.zeros(1, 1, nhid))
+        self.ks = nn.Parameter(torch.zeros(1, 1, nhid))
+        self.vs = nn.Parameter(torch.zeros(1, 1, nhid))
+        self.qkvs = nn.Parameter(torch.zeros(1, 3, nhid))  # unused; kept for checkpoints
+        self.nhid = nhid
+        self.drop = nn.Dropout(dropout)
+        self.q = nn.Linear(nhid, nhid)
+        self.qln = _layer_norm(nhid)
+        self.r_gate = nn.Parameter(torch.ones(1, 1, nhid))  # unused; kept for checkpoints
+        self.vq = Overparam(nhid)
+        self.vq_collapsed = False
+
+    def vq_collapse(self) -> None:
+        """Fold the value gate into ``vs`` (``vs <- Overparam(sigmoid(vs))``) and drop ``vq``.
+
+        For inference: outputs stay the same, one small matmul per call goes away.
+        """
+        if self.vq_collapsed:
+            return
+        with torch.no_grad():
+            self.vs.copy_(self.vq(torch.sigmoid(self.vs)))
+        self.vq = None
+        self.vq_collapsed = True
+
+    def value_gate(self):
+        return self.vs if self.vq_collapsed else self.vq(torch.sigmoid(self.vs))
+
+    def forward(self, query, key, value, backend: Optional[str] = None):
+        # The query's LayerNorm runs in float32, as published (it matters under autocast).
+        query = self.qln(self.q(query).float())
+        q = torch.sigmoid(self.qs) * query
+        k = torch.sigmoid(self.ks) * key
+        v = self.value_gate() * value
+        q, v = self.drop(q), self.drop(v)
+        return ops.attention(q, k, v, dropout_p=self.drop.p, training=self.training, backend=backend)
+
+
+class Boom(nn.Module):
+    """d -> F -> d feed-forward: GELU(x W^T + b) cut into F // d chunks that are summed."""
+
+    def __init__(self, ninp: int, nhid: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(ninp, nhid)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, backend: Optional[str] = None):
+        return ops.boom(x, self.linear1.weight, self.linear1.bias, dropout_p=self.dropout.p,
+                        training=self.training, backend=backend)
+
+
+class Block(nn.Module):
+    """LSTM, then (in attention blocks) single-head attention over memory + current positions,
+    then Boom; LayerNorms in front of each."""
+
+    def __init__(self, ninp: int, nhid: int, dropout: float, use_attn: bool):
+        super().__init__()
+        self.attn = Attention(ninp, dropout) if use_attn else None
+        self.ff = Boom(ninp, nhid, dropout)
+        self.lnstart = _layer_norm(ninp)
+        self.lnmid = _layer_norm(ninp)
+        self.lnmem = _layer_norm(ninp)
+        self.lnout = _layer_norm(ninp)  # unused; kept for checkpoints
+        self.lnff = _layer_norm(ninp)
+        self.lnxff = _layer_norm(ninp)
+        self.drop = nn.Dropout(dropout)
+        # Holds the LSTM's parameters under nn.LSTM's names, with its default initialisation and
+        # its flat cuDNN weight buffer on CUDA; ops.lstm runs the recurrence.
+        self.rnn = nn.LSTM(ninp, ninp)
+
+    def forward(self, h, mem=None, hidden=None, backend: Optional[str] = None,
+                max_positions: int = 5000):
+        """h [T, B, d]; mem [M, B, d] or None; hidden (h0, c0) each [1, B, d] or None.
+
+        Returns ``(h, new_mem, new_hidden, focus)``; new_mem is ``[]`` without attention, focus is
+        always None (no backend materialises the attention weights).
+        """
+        rnn = self.rnn
+        x, new_hidden = ops.lstm(self.lnstart(h), rnn.weight_ih_l0, rnn.weight_hh_l0,
+                                 rnn.bias_ih_l0, rnn.bias_hh_l0, hidden, backend=backend)
+        h = self.drop(x).float()  # no residual around the LSTM, as published
+
+        new_mem = []
+        if self.attn is not None:
+            mh = self.lnmem(h)
+            h = self.lnmid(h)
+            bigh = mh if mem is None else torch.cat([mem, mh], dim=0)  # [M + T, B, d]
+            new_mem = bigh[-max_positions:]
+            h = h + self.drop(self.attn(h, bigh, bigh, backend=backend))
+
+        h = self.lnff(h) + self.drop(self.ff(self.lnxff(h), backend=backend))
+        return h, new_mem, new_hidden, None
+
+
+def _resolve_attn_layers(attn_layers, nlayers: int) -> list[bool]:
+    if attn_layers is None:
+        chosen = {nlayers - 2} if nlayers >= 2 else set()
+    elif attn_layers == "all":
+        chosen = set(range(nlayers))
+    else:
+        try:
+            chosen = {int(i) for i in attn_layers}
+        except (TypeError, ValueError):
+            raise TypeError(f"attn_layers must be None, 'all' or a sequence of block indices, "
+                            f"got {attn_layers!r}") from None
+        bad = sorted(i for i in chosen if not 0 <= i < nlayers)
+        if bad:
+            raise ValueError(f"attn_layers has indices {bad} outside 0 .. {nlayers - 1} (nlayers={nlayers})")
+    return [i in chosen for i in range(nlayers)]
+
+
+class SHARNN(nn.Module):
+    """Single Headed Attention RNN. Drop-in for the published ``model.SHARNN``.
+
+    ``rnn_type``, ``dropoute`` and ``wdrop`` are accepted and ignored, as published. Keyword-only
+    extensions: ``attn_layers`` (``None``: the second-to-last block, as published; ``"all"``; or a
+    sequence of block indices) and ``backend`` (``None`` follows :func:`sharnn_fast.set_backend`).
+    """
+
+    def __init__(self, rnn_type, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout=0.5,
+                 dropouth=0.5, dropouti=0.5, dropoute=0.1, wdrop=0, tie_weights=False, *,
+                 attn_layers=None, backend: Optional[str] = None):
+        super().__init__()
+        for name, value in (("ntoken", ntoken), ("ninp", ninp), ("nhid", nhid), ("nlayers", nlayers)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if nhid % ninp != 0:
+            raise ValueError(f"nhid must be a multiple of ninp: Boom sums nhid // ninp chunks of "
+                             f"width ninp (the published code silently drops the remainder); got "
+                             f"nhid={nhid}, ninp={ninp}")
+        self.backend = None if backend is None else validate_backend(backend)
+        self.ninp, self.nhid = ninp, nhid
+        self.nlayers = nlayers
+        self.num_max_positions = 5000
+        self.num_heads = 1
+        self.causal = True
+        self.drop = nn.Dropout(dropout)
+        self.idrop = nn.Dropout(dropouti)
+        self.hdrop = nn.Dropout(dropouth)  # unused, as published
+
+        self.blocks = nn.ModuleList(
+            Block(ninp, nhid, dropouth, use_attn)
+            for use_attn in _resolve_attn_layers(attn_layers, nlayers))
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.decoder = nn.Linear(ninp, ntoken)
+        if tie_weights:
+            self.decoder.weight = self.encoder.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # LayerNorms keep weight 1 and bias 0 (the published code's apex LayerNorm escapes its init
+        # rule); the LSTM keeps nn.LSTM's default uniform initialisation.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.1 / math.sqrt(self.ninp))
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def vq_collapse(self) -> None:
+        """Collapse the value gate of every attention block (see :meth:`Attention.vq_collapse`)."""
+        for block in self.blocks:
+            if block.attn is not None:
+                block.attn.vq_collapse()
+
+    def forward(self, x, hidden=None, mems=None, padding_mask=None, return_h=True):
+        """x: [T, B] token ids.
+
+        hidden: one ``(h, c)`` per block, each [1, B, ninp] (from a previous call), or None.
+        mems: one entry per block, [M, B, ninp] for attention blocks and ``[]``/``()``/None for the
+            others (from a previous call), or None. Each is trimmed to its last 5000 - T positions.
+        padding_mask: accepted and ignored, as in the published model.
+
+        Returns ``(h, new_hidden, new_mems, None, None)``, or ``(h, new_hidden, new_mems)`` when
+        ``return_h`` is False. h is the final hidden state [T, B, ninp]; logits are ``decoder(h)``.
+        """
+        T, B = self._check_tokens(x)
+        if padding_mask is not None:
+            warnings.warn("SHARNN ignores padding_mask, as the published model does", stacklevel=2)
+        hidden = self._check_hidden(hidden, B)
+        mems = self._check_mems(mems, B)
+        backend = self.backend
+
+        h = self.idrop(self.encoder(x))  # [T, B, ninp]
+        if mems is not None:
+            keep = max(self.num_max_positions - T, 0)
+            mems = [m[m.shape[0] - min(keep, m.shape[0]):] if torch.is_tensor(m) else None
+                    for m in mems]
+
+        new_hidden, new_mems = [], []
+        for idx, block in enumerate(self.blocks):
+            mem = mems[idx] if mems is not None else None
+            hid = hidden[idx] if hidden is not None else None
+            h, new_mem, new_hid, _ = block(h, mem=mem, hidden=hid, backend=backend,
+                                           max_positions=self.num_max_positions)
+            new_hidden.append(new_hid)
+            new_mems.append(new_mem)
+
+        h = self.drop(h)
+        if return_h:
+            return h, new_hidden, new_mems, None, None
+        return h, new_hidden, new_mems
+
+    # Argument checks: each names the argument and says what was expected.
+
+    def _check_tokens(self, x) -> tuple[int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor of token ids [T, B], got {type(x).__name__}")
+        if x.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"x must hold integer token ids (torch.long or torch.int), got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape [T, B] (sequence first), got {list(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x must have at least one time step and one sequence, got {list(x.shape)}")
+        weight = self.encoder.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
+        return x.shape[0], x.shape[1]
+
+    def _check_state_tensor(self, name: str, t, B: int) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3 or t.shape[-1] != self.ninp:
+            raise ValueError(f"{name} must have shape [*, B, ninp={self.ninp}], got {list(t.shape)}")
+        if t.shape[1] != B:
+            raise ValueError(f"{name} has batch size {t.shape[1]} but x has batch size {B}")
+        if t.device != self.encoder.weight.device:
+            raise ValueError(f"{name} is on {t.device} but the model's parameters are on "
+                             f"{self.encoder.weight.device}")
+
+    def _check_hidden(self, hidden, B: int) -> Optional[Sequence]:
+        if hidden is not None and not isinstance(hidden, (list, tuple)):
+            raise TypeError(f"hidden must be a list or tuple of (h, c) pairs, got {type(hidden).__name__}")
+        if not hidden:  # None or empty, as the published `if hidden` test
+            return None
+        if len(hidden) != self.nlayers:
+            raise ValueError(f"hidden must have one (h, c) pair per block ({self.nlayers}), got {len(hidden)}")
+        for i, pair in enumerate(hidden):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"hidden[{i}] must be an (h, c) pair, got {type(pair).__name__}")
+            for j, t in enumerate(pair):
+                self._check_state_tensor(f"hidden[{i}][{j}]", t, B)
+                if t.shape[0] != 1:
+                    raise ValueError(f"hidden[{i}][{j}] must have shape [1, B, ninp], got {list(t.shape)}")
+        return hidden
+
+    def _check_mems(self, mems, B: int) -> Optional[Sequence]:
+        if mems is not None and not isinstance(mems, (list, tuple)):
+            raise TypeError(f"mems must be a list or tuple with one entry per block, got {type(mems).__name__}")
+        if not mems:  # None or empty: no memory, as the published `if mems` test
+            return None
+        if len(mems) != self.nlayers:
+            raise ValueError(f"mems must have one entry per block ({self.nlayers}), got {len(mems)}")
+        for i, (m, block) in enumerate(zip(mems, self.blocks)):
+            if block.attn is None:
+                continue  # the published blocks without attention ignore their memory ([] or ())
+            if not torch.is_tensor(m):
+                raise TypeError(f"mems[{i}] must be a tensor [M, B, ninp] for attention block {i}, "
+                                f"got {type(m).__name__}")
+            self._check_state_tensor(f"mems[{i}]", m, B)
+        return mems

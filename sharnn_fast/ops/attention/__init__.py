@@ -1,0 +1,42 @@
+"""``ops.attention``: single-head causal attention with an optional memory in front of the keys."""
+from __future__ import annotations
+
+from ... import backend as _backend
+from .._checks import check_dropout, check_float_tensor, check_same_device, check_same_dtype
+from .reference import attention_reference
+from .torch_native import attention_torch
+
+IMPLEMENTATIONS = {
+    "reference": _backend.Implementation(attention_reference),
+    "torch": _backend.Implementation(attention_torch),
+}
+
+
+def attention(q, k, v, *, dropout_p=0.0, training=False, backend=None):
+    """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the weights when training.
+
+    Args:
+        q: [Tq, B, d] queries; k: [Tk, B, d] keys; v: [Tk, B, dv] values, Tk >= Tq. The mask is
+            aligned to the end: query i sees keys 0 .. Tk - Tq + i (the first Tk - Tq keys are a
+            memory of earlier positions).
+        dropout_p: dropout on the attention weights, applied only when ``training``.
+        backend: ``"reference"``, ``"torch"``, ``"auto"``, ... or ``None`` for the process default.
+
+    Returns:
+        [Tq, B, dv].
+    """
+    check_float_tensor("q", q, ndim=3)
+    Tq, B, d = q.shape
+    if Tq == 0 or B == 0 or d == 0:
+        raise ValueError(f"q must be non-empty [Tq, B, d], got shape {list(q.shape)}")
+    check_float_tensor("k", k, shape=(None, B, d))
+    Tk = k.shape[0]
+    if Tk < Tq:
+        raise ValueError(f"k must have at least as many positions as q (Tk >= Tq), got Tk={Tk}, Tq={Tq}")
+    check_float_tensor("v", v, shape=(Tk, B, None))
+    dropout_p = check_dropout(dropout_p)
+    device = check_same_device(q=q, k=k, v=v)
+    check_same_dtype(device, q=q, k=k, v=v)
+    impl = _backend.choose("attention", backend, IMPLEMENTATIONS, device,
+                           q, k, v, dropout_p, training)
+    return impl.run(q, k, v, dropout_p, training)

@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sharnn_fast import ops
+from tolerances import assert_all_close, outputs_and_grads
+
+# (leading shape, d, F): 3-d and 2-d inputs, a single token, widths not powers of two.
+SHAPES = [((37, 3), 80, 320), ((1,), 96, 288), ((2, 3, 5), 16, 16), ((4, 1), 80, 160)]
+
+
+def boom_inputs(lead, d, F_, device="cpu", dtype=torch.float32):
+    return dict(x=torch.randn(*lead, d, device=device, dtype=dtype),
+                weight=torch.randn(F_, d, device=device, dtype=dtype) * d ** -0.5,
+                bias=0.1 * torch.randn(F_, device=device, dtype=dtype))
+
+
+def run_boom(backend, **kwargs):
+    def fn(x, weight, bias):
+        return ops.boom(x, weight, bias, backend=backend, **kwargs)
+    return fn
+
+
+def test_reference_gradcheck():
+    inputs = boom_inputs((3, 2), 4, 12, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in inputs.values()]
+    assert torch.autograd.gradcheck(run_boom("reference"), leaves)
+
+
+def test_reference_matches_definition():
+    x, weight, bias = boom_inputs((5,), 3, 6, dtype=torch.float64).values()
+    z = x @ weight.T + bias
+    a = z * torch.sigmoid(1.702 * z)
+    torch.testing.assert_close(ops.boom(x, weight, bias, backend="reference"), a[:, :3] + a[:, 3:])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_torch_matches_reference(shape, device):
+    inputs = boom_inputs(*shape, device=device)
+    tolerance = "tf32" if device.type == "cuda" else torch.float32
+    assert_all_close(outputs_and_grads(run_boom("torch"), inputs),
+                     outputs_and_grads(run_boom("reference"), inputs), tolerance, what="torch boom")
+
+
+def test_torch_without_bias():
+    x, weight, _ = boom_inputs((7,), 16, 32).values()
+    torch.testing.assert_close(ops.boom(x, weight, None, backend="torch"),
+                               ops.boom(x, weight, None, backend="reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_reduced_precision_on_gpu(dtype):
+    from tolerances import assert_close_reduced
+    inputs = boom_inputs((37, 3), 80, 320, device="cuda")
+    expected_out, expected_grads = outputs_and_grads(run_boom("reference"), inputs)
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    ref_out, ref_grads = outputs_and_grads(run_boom("reference"), low)
+    got_out, got_grads = outputs_and_grads(run_boom("torch"), low)
+    assert_close_reduced(got_out[0], ref_out[0], expected_out[0], "output")
+    for name in expected_grads:
+        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+
+
+def test_torch_dropout_uses_one_mask_for_forward_and_backward():
+    """Replay the backend's random draw, then check output and gradients against the explicit
+    formula with that mask: a different mask in backward would break the gradients."""
+    p = 0.3
+    inputs = boom_inputs((9, 2), 16, 64)
+    torch.manual_seed(7)
+    got = outputs_and_grads(run_boom("torch", dropout_p=p, training=True), inputs)
+
+    x, weight, bias = inputs.values()
+    torch.manual_seed(7)
+    keep = torch.empty(9, 2, 64, dtype=torch.bool).bernoulli_(1 - p)
+
+    def explicit(x, weight, bias):
+        z = F.linear(x, weight, bias)
+        a = z * torch.sigmoid(1.702 * z) * keep / (1 - p)
+        return a.unflatten(-1, (-1, 16)).sum(-2)
+    expected = outputs_and_grads(explicit, inputs)
+    assert_all_close(got, expected, what="dropout")
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.05  # the keep rate matches p
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dropout_edges(backend):
+    inputs = boom_inputs((6, 2), 16, 48)
+    plain = ops.boom(**inputs, backend=backend)
+    torch.testing.assert_close(ops.boom(**inputs, dropout_p=0.0, training=True, backend=backend), plain)
+    torch.testing.assert_close(ops.boom(**inputs, dropout_p=0.4, training=False, backend=backend), plain)
+    torch.testing.assert_close(ops.boom(**inputs, dropout_p=1.0, training=True, backend=backend),
+                               torch.zeros_like(plain))
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(weight=torch.randn(50, 16)), ValueError, "multiple of d=16"),
+    (dict(weight=torch.randn(48, 15)), ValueError, "weight must have shape"),
+    (dict(bias=torch.randn(47)), ValueError, "bias must have shape"),
+    (dict(x=torch.randn(0, 16)), ValueError, "non-empty"),
+    (dict(x=torch.ones(3, 16, dtype=torch.long)), TypeError, "x must be a floating-point"),
+    (dict(bias=torch.randn(48, device="meta")), ValueError, "one device"),
+    (dict(weight=torch.randn(48, 16, dtype=torch.float64)), TypeError, "one dtype"),
+])
+def test_bad_inputs_raise_clear_errors(changes, error, match):
+    inputs = boom_inputs((3,), 16, 48)
+    inputs.update(changes)
+    with pytest.raises(error, match=match):
+        ops.boom(**inputs, backend="torch")
