@@ -113,6 +113,8 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
 
 
 def _record(op: str, name: str, why: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # a side effect torch.compile would break the graph for; the choice is made anyway
     line = f"{op}: {name} ({why})"
     if _last_choice.get(op) != line:
         _last_choice[op] = line

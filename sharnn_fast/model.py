@@ -93,6 +93,36 @@ class Boom(nn.Module):
                         training=self.training, backend=backend)
 
 
+class LSTMParameters(nn.Module):
+    """The parameters of one LSTM layer, with nn.LSTM's names, shapes and default initialisation
+    (uniform(-1/sqrt(H), 1/sqrt(H)), drawn in nn.LSTM's order). ops.lstm runs the recurrence.
+
+    Not an nn.LSTM, which torch.compile refuses to trace even when only its parameters are used.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, x, hx=None, backend: Optional[str] = None):
+        """x [T, B, input_size]; hx (h0, c0) each [1, B, hidden_size] or None -> (y, (h_n, c_n))."""
+        return ops.lstm(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
+                        hx, backend=backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}"
+
+
 class Block(nn.Module):
     """LSTM, then (in attention blocks) single-head attention over memory + current positions,
     then Boom; LayerNorms in front of each."""
@@ -108,9 +138,7 @@ class Block(nn.Module):
         self.lnff = _layer_norm(ninp)
         self.lnxff = _layer_norm(ninp)
         self.drop = nn.Dropout(dropout)
-        # Holds the LSTM's parameters under nn.LSTM's names, with its default initialisation and
-        # its flat cuDNN weight buffer on CUDA; ops.lstm runs the recurrence.
-        self.rnn = nn.LSTM(ninp, ninp)
+        self.rnn = LSTMParameters(ninp, ninp)
 
     def forward(self, h, mem=None, hidden=None, backend: Optional[str] = None,
                 max_positions: int = 5000):
@@ -119,9 +147,7 @@ class Block(nn.Module):
         Returns ``(h, new_mem, new_hidden, focus)``; new_mem is ``[]`` without attention, focus is
         always None (no backend materialises the attention weights).
         """
-        rnn = self.rnn
-        x, new_hidden = ops.lstm(self.lnstart(h), rnn.weight_ih_l0, rnn.weight_hh_l0,
-                                 rnn.bias_ih_l0, rnn.bias_hh_l0, hidden, backend=backend)
+        x, new_hidden = self.rnn(self.lnstart(h), hidden, backend=backend)
         h = self.drop(x).float()  # no residual around the LSTM, as published
 
         new_mem = []

@@ -307,3 +307,12 @@ def test_matches_published_model_on_gpu(backend):
     finally:
         torch.backends.cudnn.allow_tf32 = True
     assert_close(got, expected, tolerance="tf32", name="h on GPU")
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = SHARNN("LSTM", NTOKEN, NINP, NHID, 3, backend="torch").eval()
+    x = tokens(6, 2)
+    with torch.no_grad():
+        expected = model(x)[0]
+        got = torch.compile(model, fullgraph=True)(x)[0]
+    assert_close(got, expected, name="compiled h")

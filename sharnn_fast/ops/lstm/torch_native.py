@@ -1,7 +1,11 @@
 """LSTM through PyTorch's own fused kernel: the one nn.LSTM calls (cuDNN on CUDA, oneDNN on CPU)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+_NOT_FLAT_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 
 
 def lstm_torch(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
@@ -16,5 +20,13 @@ def lstm_torch(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
     # which breaks backward in eval mode.
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, *weights, *hx))
-    y, h_n, c_n = torch.lstm(x, tuple(hx), weights, True, 1, 0.0, needs_grad, False, False)
+    args = (x, tuple(hx), weights, True, 1, 0.0, needs_grad, False, False)
+    if x.is_cuda and not torch.compiler.is_compiling():
+        # cuDNN wants the four weights in one flat buffer (nn.LSTM's flatten_parameters); ours are
+        # separate Parameters, so it copies them (a few microseconds, once per call) and warns.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NOT_FLAT_WARNING)
+            y, h_n, c_n = torch.lstm(*args)
+    else:
+        y, h_n, c_n = torch.lstm(*args)
     return y, (h_n, c_n)  # [T, B, H], ([1, B, H], [1, B, H])
