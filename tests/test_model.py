@@ -23,6 +23,15 @@ def make_pair(nlayers=3, attn_every_layer=False, seed=0, **kwargs):
     return ours, published
 
 
+def perturb_(ours, published):
+    """Move every parameter away from its initial value (LayerNorms of 1 and 0 and gates of 0 would
+    hide a swapped LayerNorm or gate), identically in both models."""
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.2 * p.std().nan_to_num(0.0).clamp_min(0.1) * torch.randn_like(p))
+    published.load_state_dict(ours.state_dict(), strict=True)
+
+
 def tokens(T, B, device="cpu"):
     return torch.randint(0, NTOKEN, (T, B), device=device)
 
@@ -132,6 +141,7 @@ def flat_results(output, model):
 def test_matches_published_model_outputs_state_and_gradients(backend, attn_every_layer):
     """Eval mode, a second segment with hidden and memory carried from the first."""
     ours, published = make_pair(attn_every_layer=attn_every_layer, backend=backend)
+    perturb_(ours, published)
     ours.eval(), published.eval()
     first, second = tokens(11, 3), tokens(7, 3)
     with torch.no_grad():
@@ -176,6 +186,7 @@ def test_blocks_without_attention_return_empty_memory_and_accept_it_back():
 
 def test_memory_is_capped_at_5000_positions():
     ours, published = make_pair(nlayers=2)
+    perturb_(ours, published)
     ours.eval(), published.eval()
     B, T = 1, 20
     for M in (4990, 5000):
@@ -298,6 +309,7 @@ def test_bad_constructor_arguments(kwargs, error, match):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_published_model_on_gpu(backend):
     ours, published = make_pair(backend=backend)
+    perturb_(ours, published)
     ours, published = ours.cuda().eval(), published.cuda().eval()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
