@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sharnn_fast import ops
+from sharnn_fast.ops.boom.torch_native import keep_mask
 from tolerances import assert_all_close, outputs_and_grads
 
 # (leading shape, d, F): 3-d and 2-d inputs, a single token, widths not powers of two.
@@ -72,7 +73,7 @@ def test_torch_dropout_uses_one_mask_for_forward_and_backward():
 
     x, weight, bias = inputs.values()
     torch.manual_seed(7)
-    keep = torch.empty(9, 2, 64, dtype=torch.bool).bernoulli_(1 - p)
+    keep = keep_mask(torch.empty(9, 2, 64), p)
 
     def explicit(x, weight, bias):
         z = F.linear(x, weight, bias)
@@ -80,7 +81,14 @@ def test_torch_dropout_uses_one_mask_for_forward_and_backward():
         return a.unflatten(-1, (-1, 16)).sum(-2)
     expected = outputs_and_grads(explicit, inputs)
     assert_all_close(got, expected, what="dropout")
-    assert abs(keep.float().mean().item() - (1 - p)) < 0.05  # the keep rate matches p
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_matches_p(p):
+    keep = keep_mask(torch.empty(1000, 997), p)  # odd size: the last word is cut
+    assert abs(keep.float().mean().item() - (1 - p)) < 3e-3
+    for lane in range(4):  # each 64-bit random word feeds 4 elements: no lane may be biased
+        assert abs(keep.flatten()[lane::4].float().mean().item() - (1 - p)) < 6e-3
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -41,10 +41,20 @@ class GeluChunkSum(torch.autograd.Function):
         return dz.to(z.dtype), None, None, None
 
 
+def keep_mask(like, dropout_p: float):
+    """A bool mask shaped like ``like``, each element True with probability 1 - dropout_p
+    (to within 2**-16): 16 random bits per element compared with a threshold. On CPU this is about
+    3x faster than bernoulli_, which dominated the Boom's time in training."""
+    n = like.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
+    bits = words.random_(-2**63, None).view(torch.int16)[:n]  # every bit uniform
+    return (bits < round((1.0 - dropout_p) * 65536) - 32768).view(like.shape)
+
+
 def boom_torch(x, weight, bias, dropout_p=0.0, training=False):
     z = F.linear(x, weight, bias)  # [..., F]
     keep, scale = None, 1.0
     if training and dropout_p > 0.0:
-        keep = torch.empty_like(z, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+        keep = keep_mask(z, dropout_p)
         scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
     return GeluChunkSum.apply(z, x.shape[-1], keep, scale)
