@@ -24,7 +24,7 @@ MODEL_SIZES = {
     "cuda": dict(ntoken=256, ninp=1024, nhid=4096, nlayers=4, T=1024, B=16, memory=5000 - 1024,
                  dtype="bfloat16", rounds=10),
     "cpu": dict(ntoken=256, ninp=256, nhid=1024, nlayers=4, T=256, B=8, memory=0,
-                dtype="float32", rounds=5),
+                dtype="float32", rounds=8),
 }
 
 _results = []
@@ -57,7 +57,7 @@ def device_name(device=None):
 
 def run_metadata():
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         rev = "unknown"

@@ -2,10 +2,10 @@
 
 Written from shared/SPEC.md (the published code has no licence and is not copied): the same module
 tree, parameter names and construction order as the published model, and its eager math: nn.LSTM,
-explicit matmul-softmax attention with an additive -inf mask built in the model, unfused Boom, and
-torch.utils.checkpoint around attention and Boom as released (``checkpoint=False`` drops it). It
-shares no code with sharnn_fast, so agreement between the two means something. The benchmarks use it
-as the baseline.
+explicit matmul-softmax attention with an additive -inf mask built in the model, and unfused Boom.
+(The released code's `checkpoint` around attention and Boom is a plain call, so there is none
+here either.) It shares no code with sharnn_fast, so agreement between the two means something.
+The benchmarks use it as the baseline.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 
 def _ln(d):
@@ -92,7 +91,7 @@ class PublishedBoom(nn.Module):
 
 
 class PublishedBlock(nn.Module):
-    def __init__(self, d, F_, dropout, use_attn, checkpoint):
+    def __init__(self, d, F_, dropout, use_attn):
         super().__init__()
         self.attn = PublishedAttention(d, dropout) if use_attn else None
         self.ff = PublishedBoom(d, F_, dropout)
@@ -100,12 +99,6 @@ class PublishedBlock(nn.Module):
         self.lnout, self.lnff, self.lnxff = _ln(d), _ln(d), _ln(d)
         self.drop = nn.Dropout(dropout)
         self.rnn = nn.LSTM(input_size=d, hidden_size=d, batch_first=False)
-        self.checkpoint = checkpoint
-
-    def _maybe_checkpoint(self, fn, *args):
-        if self.checkpoint and torch.is_grad_enabled():
-            return _checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
 
     def forward(self, h, max_positions, attn_mask, mem=None, hidden=None):
         h = self.lnstart(h)
@@ -117,18 +110,17 @@ class PublishedBlock(nn.Module):
             h = self.lnmid(h)
             bigh = torch.cat([mem, mh], dim=0) if mem is not None else mh
             new_mem = bigh[-max_positions:]
-            x, focus = self._maybe_checkpoint(self.attn, h, bigh, bigh, attn_mask)
+            x, focus = self.attn(h, bigh, bigh, attn_mask)
             h = h + self.drop(x)
         hr, x = self.lnff(h), self.lnxff(h)
-        x = self._maybe_checkpoint(self.ff, x)
+        x = self.ff(x)
         h = hr + self.drop(x)
         return h, new_mem, new_hidden, focus
 
 
 class PublishedSHARNN(nn.Module):
     def __init__(self, rnn_type, ntoken, ninp, nhid, nlayers, dropout=0.5, dropouth=0.5,
-                 dropouti=0.5, dropoute=0.1, wdrop=0, tie_weights=False, *, attn_every_layer=False,
-                 checkpoint=True):
+                 dropouti=0.5, dropoute=0.1, wdrop=0, tie_weights=False, *, attn_every_layer=False):
         super().__init__()
         self.ninp, self.nhid, self.nlayers = ninp, nhid, nlayers
         self.num_max_positions = 5000
@@ -138,7 +130,7 @@ class PublishedSHARNN(nn.Module):
         self.blocks = nn.ModuleList()
         for idx in range(nlayers):
             use_attn = attn_every_layer or idx == nlayers - 2
-            self.blocks.append(PublishedBlock(ninp, nhid, dropouth, use_attn, checkpoint))
+            self.blocks.append(PublishedBlock(ninp, nhid, dropouth, use_attn))
         self.encoder = nn.Embedding(ntoken, ninp)
         self.decoder = nn.Linear(ninp, ntoken)
         if tie_weights:
