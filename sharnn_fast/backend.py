@@ -12,6 +12,7 @@ what ran and why.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -54,6 +55,48 @@ class Implementation:
 
     run: Callable
     why_not: Callable[..., Optional[str]] = _never_unsupported
+
+
+class LazyImplementation:
+    """An implementation whose module is imported on first use: Triton and the CUDA extension are
+    optional and slow to import, and importing them must not touch the GPU at package import.
+
+    The module defines ``IMPLEMENTATION`` (an :class:`Implementation`). If it cannot be imported,
+    ``why_not`` says why and ``run`` raises.
+    """
+
+    def __init__(self, module: str, missing_hint: str):
+        self.module, self.missing_hint = module, missing_hint
+        self._loaded: Optional[Implementation] = None
+        self._error: Optional[str] = None
+
+    def _load(self) -> Optional[Implementation]:
+        if self._loaded is None and self._error is None:
+            try:
+                self._loaded = importlib.import_module(self.module).IMPLEMENTATION
+            except ModuleNotFoundError as err:
+                if err.name == self.module:  # the file itself is missing
+                    self._error = (f"{self.module} is not part of this version of sharnn_fast; "
+                                   "use backend='torch' or backend='auto'")
+                else:
+                    self._error = f"{err}; {self.missing_hint}"
+            except ImportError as err:
+                self._error = f"{err}; {self.missing_hint}"
+        return self._loaded
+
+    def why_not(self, *args, **kwargs) -> Optional[str]:
+        impl = self._load()
+        return self._error if impl is None else impl.why_not(*args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        impl = self._load()
+        if impl is None:
+            raise BackendUnavailableError(self._error)
+        return impl.run(*args, **kwargs)
+
+
+TRITON_HINT = "the triton backend needs `pip install triton` (CUDA GPUs; CPU only under TRITON_INTERPRET=1)"
+CUDA_HINT = "the cuda backend needs sharnn_fast built with nvcc (see sharnn_fast.build_info())"
 
 
 _process_backend: Optional[str] = None

@@ -9,6 +9,7 @@ from .torch_native import attention_torch
 IMPLEMENTATIONS = {
     "reference": _backend.Implementation(attention_reference),
     "torch": _backend.Implementation(attention_torch),
+    "triton": _backend.LazyImplementation(__name__ + ".triton", _backend.TRITON_HINT),
 }
 
 

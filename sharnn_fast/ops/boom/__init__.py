@@ -9,6 +9,7 @@ from .torch_native import boom_torch
 IMPLEMENTATIONS = {
     "reference": _backend.Implementation(boom_reference),
     "torch": _backend.Implementation(boom_torch),
+    "triton": _backend.LazyImplementation(__name__ + ".triton", _backend.TRITON_HINT),
 }
 
 

@@ -9,6 +9,8 @@ from .torch_native import lstm_torch
 IMPLEMENTATIONS = {
     "reference": _backend.Implementation(lstm_reference),
     "torch": _backend.Implementation(lstm_torch),
+    "triton": _backend.LazyImplementation(__name__ + ".triton", _backend.TRITON_HINT),
+    "cuda": _backend.LazyImplementation(__name__ + ".cuda", _backend.CUDA_HINT),
 }
 
 
