@@ -24,14 +24,11 @@ BACKENDS = ("reference", "torch", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
 ENV_VAR = "SHARNN_FAST_BACKEND"
 
-# Fastest first, per op and device type. CPU: PyTorch's fused kernels (oneDNN LSTM, SDPA, the
-# two-kernel Boom) beat the step-by-step reference; see benchmarks/bench_model.py.
-# Later kernels slot in ahead of "torch" once their benchmarks show they win.
-_AUTO_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
-    "lstm": {"cuda": ("cuda", "triton", "torch", "reference")},
-    "attention": {"cuda": ("triton", "torch", "reference")},
-    "boom": {"cuda": ("triton", "torch", "reference")},
-}
+# Fastest first, per op and device type; an op or device not listed uses _DEFAULT_PREFERENCE.
+# A kernel enters a list only once benchmarks/ has measured it faster than what follows it on that
+# device (benchmarks/results/). The triton and cuda kernels have not been measured on a GPU yet, so
+# today "auto" is PyTorch's own fused ops everywhere (on CPU they beat the step-by-step reference).
+_AUTO_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {}
 _DEFAULT_PREFERENCE = ("torch", "reference")
 
 log = logging.getLogger("sharnn_fast.backend")
