@@ -11,6 +11,7 @@
 #ifdef SHARNN_WITH_CUDA
 #include "common/device.h"
 #include "common/smoke.h"
+#include "lstm/lstm_recurrence.h"
 #endif
 
 namespace py = pybind11;
@@ -72,6 +73,29 @@ PYBIND11_MODULE(_C, m) {
   //   csrc/lstm/       def_kernel("lstm", "lstm_fwd_f32", ...)
   //   csrc/attention/  def_kernel("attention", ...)
   //   csrc/boom/       def_kernel("boom", ...)
+  def_kernel("lstm", "lstm_recurrence_fwd", &sharnn::lstm_recurrence_fwd, py::arg("dtype"),
+             py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("y"),
+             py::arg("c_n"), py::arg("gates_saved"), py::arg("c_saved"), py::arg("T"),
+             py::arg("B"), py::arg("H"), py::arg("hidden_per_block"), py::arg("chunk"),
+             py::arg("k_splits"), py::arg("stream"),
+             "Persistent LSTM forward recurrence (cooperative launch); raw pointers as ints");
+  def_kernel("lstm", "lstm_recurrence_bwd", &sharnn::lstm_recurrence_bwd, py::arg("dtype"),
+             py::arg("w_hh"), py::arg("gates_saved"), py::arg("c_saved"), py::arg("c0"),
+             py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dgates"), py::arg("dh0"),
+             py::arg("dc0"), py::arg("T"), py::arg("B"), py::arg("H"),
+             py::arg("hidden_per_block"), py::arg("chunk"), py::arg("k_splits"),
+             py::arg("stream"),
+             "Persistent LSTM backward recurrence (cooperative launch); raw pointers as ints");
+  m.def("lstm_recurrence_device_limits", &sharnn::lstm_recurrence_device_limits,
+        py::arg("device"),
+        "(SMs, shared bytes per block (opt-in), shared bytes per SM, registers per SM, "
+        "cooperative launch) of a CUDA device, for planning the LSTM recurrence launch");
+  m.def("lstm_recurrence_threads", &sharnn::lstm_recurrence_threads,
+        "Threads per block of the LSTM recurrence kernels");
+  m.def("lstm_recurrence_shared_bytes", &sharnn::lstm_recurrence_shared_bytes,
+        py::arg("backward"), py::arg("B"), py::arg("H"), py::arg("element_bytes"),
+        py::arg("hidden_per_block"), py::arg("chunk"), py::arg("k_splits"),
+        "Dynamic shared memory per block of the LSTM recurrence kernels (host arithmetic only)");
 #endif
 
   m.def(

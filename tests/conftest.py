@@ -1,20 +1,20 @@
 """Shared test set-up. Tests marked ``gpu`` are skipped on machines without CUDA; the device is
-queried when the session starts or a test is set up, never at import time. Without a GPU, Triton
-kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before any kernel module
-is imported)."""
+queried once when this file is loaded and when a test is set up, never by test modules at import.
+Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set
+before triton is imported)."""
 import os
 
 import pytest
 import torch
 
-import sharnn_fast
+# Before anything imports triton (sharnn_fast may, through torch): triton decides at import time
+# whether its own helpers run compiled or interpreted.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import sharnn_fast  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def pytest_configure(config):
-    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_runtest_setup(item):

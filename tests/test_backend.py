@@ -44,9 +44,18 @@ def test_model_backend_reaches_every_op():
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
-def test_explicit_backend_that_cannot_run_says_why(name):
+def test_explicit_backend_that_cannot_run_says_why(name, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without it Triton needs CUDA tensors
     with pytest.raises(BackendUnavailableError, match=f"backend '{name}' cannot run boom: .*backend='torch'"):
         ops.boom(*small_boom(), backend=name)
+
+
+def test_auto_skips_backends_that_cannot_run(monkeypatch):
+    monkeypatch.setattr(sharnn_fast.backend, "_AUTO_PREFERENCE", {"boom": {"cpu": ("cuda", "triton", "torch")}})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops.boom(*small_boom())
+    report = sharnn_fast.explain()
+    assert "boom: torch (auto on cpu; skipped cuda (" in report and "triton (" in report
 
 
 def test_invalid_names_are_rejected(monkeypatch):

@@ -3,10 +3,12 @@ whichever SDPA picks for the device, dtype and head width)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 def attention_torch(q, k, v, dropout_p=0.0, training=False):
+    # Imported here: torch.nn.attention.bias pulls in torch._dynamo and triton (seconds).
+    from torch.nn.attention.bias import causal_lower_right
+
     Tq, Tk = q.shape[0], k.shape[0]
     # [T, B, d] -> [B, 1 head, T, d] as a view: SDPA takes strided inputs.
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(1) for t in (q, k, v))

@@ -1,0 +1,259 @@
+"""The triton backend of ops.lstm against the reference: outputs and the gradient of every input.
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors (float32 and
+float16; one program covers a whole step there, and one test forces the GPU's small tiles), and a
+subprocess compiles them for sm_80 and sm_90. With CUDA they run on the GPU, where bfloat16, the
+paper's size, CUDA graphs and torch.compile with Inductor are also tested.
+"""
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import sharnn_fast
+from sharnn_fast import BackendUnavailableError, ops
+from test_lstm import SHAPES, lstm_inputs, run_lstm
+from tolerances import assert_all_close, assert_close_reduced, outputs_and_grads
+
+lstm_triton = importlib.import_module("sharnn_fast.ops.lstm.triton")
+
+PAPER_SHAPE = (1024, 16, 1024, 1024)  # T, B, I, H
+
+
+@pytest.fixture
+def device():
+    """The device the Triton kernels run on here: the GPU, else the CPU under the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _poison_new_buffers(monkeypatch):
+    monkeypatch.setattr(lstm_triton, "POISON_NEW_BUFFERS", True)
+
+
+def fp32_tolerance(device):
+    return "tf32" if device.type == "cuda" else torch.float32
+
+
+def assert_reduced_matches(inputs, dtype):
+    """The triton backend in ``dtype`` against the reference in ``dtype`` and in float32: at most
+    2x the reference's own error, for every output and gradient."""
+    expected_out, expected_grads = outputs_and_grads(run_lstm("reference"), inputs)
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    ref_out, ref_grads = outputs_and_grads(run_lstm("reference"), low)
+    got_out, got_grads = outputs_and_grads(run_lstm("triton"), low)
+    for i, (g, r, e) in enumerate(zip(got_out, ref_out, expected_out)):
+        assert g.dtype == dtype
+        assert_close_reduced(g, r, e, f"output {i}")
+    for name in expected_grads:
+        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_fp32(shape, with_state, device):
+    inputs = lstm_inputs(*shape, device=device, with_state=with_state)
+    assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
+                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device),
+                     what="triton lstm")
+
+
+@pytest.mark.parametrize("shape", [(37, 3, 96, 80), (1, 1, 80, 96)])
+def test_matches_reference_fp16(shape, device):
+    assert_reduced_matches(lstm_inputs(*shape, device=device), torch.float16)
+
+
+def test_gpu_tiles_batch_tiles_and_reduction_loops(monkeypatch, device):
+    """Several hidden-unit tiles, two batch tiles and reduction loops with a ragged last chunk: the
+    GPU's tiling, which a single program per step (the interpreter's default) never exercises."""
+    tiles = lstm_triton.step_blocks
+
+    def small_gpu_blocks(B, H, interpreted):
+        return dataclasses.replace(tiles(B, H, interpreted=False), block_b=16, fwd_k=32, bwd_k=64)
+    monkeypatch.setattr(lstm_triton, "step_blocks", small_gpu_blocks)
+    inputs = lstm_inputs(3, 17, 24, 80, device=device)  # H 80: 10 forward and 5 backward unit tiles
+    assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
+                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device),
+                     what="triton lstm, GPU tiles")
+
+
+@pytest.mark.parametrize("only_y", [False, True])
+def test_windowed_step_loops(monkeypatch, only_y, device):
+    """The windows that CUDA graphs replay (here run directly): four windows of 8 steps and 5 steps
+    launched one by one, forward and backward; with and without a gradient for the cell states."""
+    monkeypatch.setenv(lstm_triton.GRAPHS_ENV, "1")
+    monkeypatch.setattr(lstm_triton, "GRAPH_CHUNK_STEPS", 8)
+    inputs = lstm_inputs(37, 3, 16, 24, device=device)
+
+    def outputs(backend):
+        def fn(**kwargs):
+            y, hx = run_lstm(backend)(**kwargs)
+            return y if only_y else (y, hx)
+        return fn
+    assert_all_close(outputs_and_grads(outputs("triton"), inputs),
+                     outputs_and_grads(outputs("reference"), inputs), fp32_tolerance(device),
+                     what="windowed triton lstm")
+
+
+@pytest.mark.parametrize("used", ["y", "h_n", "c_n"])
+def test_gradient_through_one_output(used, device):
+    """Training detaches (h_n, c_n), so the gradient usually reaches y alone (no gradient for the
+    cell states), and one through c_n alone must work too (no gradient for the hidden states)."""
+    inputs = lstm_inputs(5, 3, 16, 24, device=device)
+
+    def only(backend):
+        def fn(**kwargs):
+            y, (h_n, c_n) = run_lstm(backend)(**kwargs)
+            return dict(y=y, h_n=h_n, c_n=c_n)[used]
+        return fn
+    assert_all_close(outputs_and_grads(only("triton"), inputs),
+                     outputs_and_grads(only("reference"), inputs), fp32_tolerance(device),
+                     what=f"gradient through {used}")
+
+
+def test_autocast(device):
+    """Under autocast the op runs in the autocast dtype (like torch.lstm) and the float32
+    parameters get float32 gradients."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter has no bf16
+    inputs = lstm_inputs(6, 3, 16, 24, device=device)
+    expected = outputs_and_grads(run_lstm("reference"), inputs)
+    with torch.autocast(device.type, dtype=dtype):
+        got_out, got_grads = outputs_and_grads(run_lstm("triton"), inputs)
+        ref_out, ref_grads = outputs_and_grads(run_lstm("reference"), inputs)
+    for i, (g, r, e) in enumerate(zip(got_out, ref_out, expected[0])):
+        assert g.dtype == dtype
+        assert_close_reduced(g, r, e, f"output {i}")
+    for name, grad in got_grads.items():
+        assert grad.dtype == torch.float32
+        assert_close_reduced(grad, ref_grads[name], expected[1][name], f"grad {name}")
+
+
+def test_torch_compile_fullgraph(device):
+    """The custom ops trace without graph breaks. On CPU through aot_eager (Inductor's C++ build
+    adds nothing the ops are responsible for); on a GPU through Inductor."""
+    inputs = lstm_inputs(4, 3, 24, 16, device=device)
+    fn = run_lstm("triton")
+    fn(**inputs)  # loads the lazily imported backend before compiling (an import breaks graphs)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
+    assert_all_close(outputs_and_grads(compiled, inputs),
+                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device),
+                     what="compiled triton lstm")
+
+
+# Compiles both kernels for sm_80 and sm_90 with the GPU tiles, in every dtype (in a fresh process: the
+# kernels of this one are the interpreter's).
+_COMPILE_FOR_GPUS = textwrap.dedent("""
+    import importlib
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    m = importlib.import_module("sharnn_fast.ops.lstm.triton")
+    blocks = m.step_blocks(16, 1024, interpreted=False)
+    for arch in (80, 90):
+        for dt in ("fp32", "fp16", "bf16"):
+            forward = dict(xg_ptr="*" + dt, w_hh_ptr="*" + dt, hs_ptr="*" + dt, c_ptr="*fp32",
+                           gates_ptr="*fp32", t="i32", B="i32", H="i32", BLOCK_B="constexpr",
+                           BLOCK_H="constexpr", BLOCK_K="constexpr")
+            backward = dict(d_hs_ptr="*" + dt, d_c_ptr="*fp32", w_hh_t_ptr="*" + dt, c_ptr="*fp32",
+                            gates_ptr="*fp32", dgates_ptr="*" + dt, dc_carry_ptr="*fp32", t="i32",
+                            T="i32", B="i32", H="i32", HAS_D_C="constexpr", BLOCK_B="constexpr",
+                            BLOCK_H="constexpr", BLOCK_K="constexpr")
+            sources = [ASTSource(m.lstm_fwd_step_kernel, forward, dict(
+                BLOCK_B=blocks.block_b, BLOCK_H=blocks.fwd_units, BLOCK_K=blocks.fwd_k))]
+            sources += [ASTSource(m.lstm_bwd_step_kernel, backward, dict(
+                HAS_D_C=has_d_c, BLOCK_B=blocks.block_b, BLOCK_H=blocks.bwd_units, BLOCK_K=blocks.bwd_k))
+                for has_d_c in (False, True)]
+            for source in sources:
+                kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                        options=dict(num_warps=blocks.num_warps))
+                assert ".local" not in kernel.asm["ptx"], "register spills"
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_gpus_without_one():
+    """What the interpreter cannot check: tl.dot's shape rules, layouts of the reshape and split,
+    register spills. On a machine with a GPU the GPU tests compile them for real."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests compile the kernels for this GPU")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Only with a GPU
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_matches_reference_bf16_on_gpu():
+    assert_reduced_matches(lstm_inputs(37, 3, 96, 80, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paper_size_on_gpu(dtype):
+    inputs = lstm_inputs(*PAPER_SHAPE, device="cuda")
+    if dtype == torch.float32:
+        assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
+                         outputs_and_grads(run_lstm("reference"), inputs), "tf32", what="paper size")
+    else:
+        assert_reduced_matches(inputs, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_windows_match_launches(monkeypatch):
+    """Two windows of 32 steps from CUDA graphs and 6 launched steps give exactly what 70 launches
+    give, on fresh inputs each call (the first call captures, the second replays)."""
+    monkeypatch.setattr(lstm_triton, "GRAPH_CHUNK_STEPS", 32)
+    for call in range(2):
+        inputs = lstm_inputs(70, 3, 32, 48, device="cuda")
+        monkeypatch.setenv(lstm_triton.GRAPHS_ENV, "0")
+        launched = outputs_and_grads(run_lstm("triton"), inputs)
+        monkeypatch.setenv(lstm_triton.GRAPHS_ENV, "auto")
+        graphed = outputs_and_grads(run_lstm("triton"), inputs)
+        for a, b in zip([*launched[0], *launched[1].values()], [*graphed[0], *graphed[1].values()]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"call {call}")
+
+
+# ------------------------------------------------------------------------------------------------
+# When the backend cannot run
+# ------------------------------------------------------------------------------------------------
+def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = lstm_inputs(2, 1, 8, 8)
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run lstm: .*TRITON_INTERPRET=1"):
+        run_lstm("triton")(**inputs)
+    run_lstm("auto")(**inputs)  # auto falls back silently
+    assert "lstm: torch" in sharnn_fast.explain()
+
+
+def test_float64_is_refused():
+    inputs = lstm_inputs(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float32, float16 and bfloat16, got torch.float64"):
+        run_lstm("triton")(**inputs)
+
+
+def test_bfloat16_on_cpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the kernels are compiled for it, not for the interpreter")
+    inputs = lstm_inputs(2, 1, 8, 8, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="interpreter .* has no bfloat16"):
+        ops.lstm(*list(inputs.values())[:5], backend="triton")
+
+
+def test_bad_graph_setting_is_refused(monkeypatch, device):
+    monkeypatch.setenv(lstm_triton.GRAPHS_ENV, "yes")
+    with pytest.raises(ValueError, match=lstm_triton.GRAPHS_ENV):
+        run_lstm("triton")(**lstm_inputs(2, 1, 8, 8, device=device))
