@@ -62,10 +62,14 @@ class LazyImplementation:
     ``why_not`` says why and ``run`` raises.
     """
 
+    instances: list["LazyImplementation"] = []
+
     def __init__(self, module: str, missing_hint: str):
         self.module, self.missing_hint = module, missing_hint
+        self.backend = module.rsplit(".", 1)[1]  # sharnn_fast.ops.<op>.<backend>
         self._loaded: Optional[Implementation] = None
         self._error: Optional[str] = None
+        LazyImplementation.instances.append(self)
 
     def _load(self) -> Optional[Implementation]:
         if self._loaded is None and self._error is None:
@@ -106,10 +110,19 @@ def validate_backend(name, argument: str = "backend") -> str:
     return name
 
 
+def preload(name: Optional[str]) -> None:
+    """Import the implementations of backend ``name`` now rather than at their first call, which
+    may be inside torch.compile's tracing (where an import breaks the graph)."""
+    for lazy in LazyImplementation.instances:
+        if lazy.backend == name:
+            lazy._load()
+
+
 def set_backend(name: Optional[str]) -> None:
     """Set the process-wide backend (``None`` restores the environment variable or ``"auto"``)."""
     global _process_backend
     _process_backend = None if name is None else validate_backend(name)
+    preload(_process_backend)
 
 
 def get_backend() -> str:

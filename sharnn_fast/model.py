@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .backend import validate_backend
+from .backend import preload, validate_backend
 
 LN_EPS = 1e-12
 
@@ -198,7 +198,7 @@ class SHARNN(nn.Module):
             raise ValueError(f"nhid must be a multiple of ninp: Boom sums nhid // ninp chunks of "
                              f"width ninp (the published code silently drops the remainder); got "
                              f"nhid={nhid}, ninp={ninp}")
-        self.backend = None if backend is None else validate_backend(backend)
+        self.backend = backend
         self.ninp, self.nhid = ninp, nhid
         self.nlayers = nlayers
         self.num_max_positions = 5000
@@ -216,6 +216,16 @@ class SHARNN(nn.Module):
         if tie_weights:
             self.decoder.weight = self.encoder.weight
         self.apply(self._init_weights)
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The backend of every op of this model; None follows :func:`sharnn_fast.set_backend`."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: Optional[str]) -> None:
+        self._backend = None if name is None else validate_backend(name)
+        preload(self._backend)
 
     def _init_weights(self, module: nn.Module) -> None:
         # LayerNorms keep weight 1 and bias 0 (the published code's apex LayerNorm escapes its init
