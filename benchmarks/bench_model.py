@@ -103,6 +103,7 @@ def test_train_step(benchmark, record, request, variant, attn, model_size, devic
     benchmark.pedantic(step, rounds=model_size["rounds"], warmup_rounds=2, iterations=1)
     size = model_size
     record(group, variant, tokens=size["T"] * size["B"], flops=3 * forward_flops(size, case.attn_blocks),
+           steps=2 * size["nlayers"] * size["T"],  # the recurrences, forward and backward, are sequential
            baseline=variant == "published", size={k: v for k, v in size.items() if k != "rounds"})
 
 
@@ -124,4 +125,4 @@ def test_inference_segment(benchmark, record, request, variant, model_size, devi
     benchmark.pedantic(segment, rounds=model_size["rounds"], warmup_rounds=2, iterations=1)
     size = model_size
     record(group, variant, tokens=size["T"] * size["B"], flops=forward_flops(size, case.attn_blocks),
-           baseline=variant == "published", size={k: v for k, v in size.items() if k != "rounds"})
+           steps=size["nlayers"] * size["T"], baseline=variant == "published", size={k: v for k, v in size.items() if k != "rounds"})

@@ -147,8 +147,8 @@ def plot(curves: dict, unigram: float, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, losses in curves.items():
-        ax.plot([l / math.log(2) for l in losses], label=name, lw=1)
+    for (name, losses), style in zip(curves.items(), [dict(lw=3, alpha=0.45), dict(lw=1, ls="--")]):
+        ax.plot([l / math.log(2) for l in losses], label=name, **style)  # the second drawn over the first
     ax.axhline(unigram / math.log(2), color="k", ls="--", lw=0.8, label="unigram entropy")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (bits per byte)")
