@@ -93,7 +93,7 @@ def peaks(device):
     if device.type == "cuda":
         n, dtype, repeats, copy_numel = 8192, torch.bfloat16, 20, 2**28
     else:
-        n, dtype, repeats, copy_numel = 1024, torch.float32, 5, 2**25
+        n, dtype, repeats, copy_numel = 2048, torch.float32, 3, 2**25
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     matmul_s = _median_time(lambda: a @ b, repeats, device)

@@ -38,6 +38,12 @@ def assert_close_reduced(actual, reference_same_dtype, reference_fp32, name="ten
     assert err <= max(budget, 1e-6), f"{name}: relative error {err:.3g} > {budget:.3g} (2x the reference's)"
 
 
+def fp32_tolerance(device):
+    """float32 kernels: exact float32 on CPU (the Triton interpreter's dots are exact), tf32-level
+    on a GPU (tensor-core dots, a different summation order than cuBLAS)."""
+    return "tf32" if torch.device(device).type == "cuda" else torch.float32
+
+
 def outputs_and_grads(fn, inputs: dict, seed: int = 1234):
     """Run ``fn(**inputs)`` on fresh leaf copies and backpropagate a fixed random cotangent from
     every output tensor (nested tuples allowed). Returns (outputs, {name: grad})."""
@@ -64,3 +70,22 @@ def assert_all_close(got, expected, tolerance=torch.float32, what=""):
         assert_close(a, b, tolerance, f"{what} output {i}")
     for name in grads_b:
         assert_close(grads_a[name], grads_b[name], tolerance, f"{what} grad of {name}")
+
+
+def assert_all_close_reduced(got, reference_low, expected, what=""):
+    """assert_close_reduced on every output and gradient of three outputs_and_grads results: the
+    reduced-precision run, the reference in that dtype, and the float32 reference."""
+    for i, (g, r, e) in enumerate(zip(got[0], reference_low[0], expected[0])):
+        assert_close_reduced(g, r, e, f"{what} output {i}")
+    for name in expected[1]:
+        assert_close_reduced(got[1][name], reference_low[1][name], expected[1][name], f"{what} grad {name}")
+
+
+def compare_in_reduced_precision(run, run_reference, inputs: dict, dtype, what=""):
+    """``run`` on ``inputs`` cast to ``dtype``, held to the float32 reference (at most
+    REDUCED_SLACK times the same-dtype reference's error). Returns the run's (outputs, grads)."""
+    expected = outputs_and_grads(run_reference, inputs)
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    got = outputs_and_grads(run, low)
+    assert_all_close_reduced(got, outputs_and_grads(run_reference, low), expected, what)
+    return got

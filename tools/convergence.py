@@ -187,9 +187,12 @@ def main():
     stem = RESULTS_DIR / f"convergence_{re.sub(r'[^A-Za-z0-9]+', '-', summary['device']).lower()}_{args.dtype}"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(curves, unigram, f"{summary['text']}; {summary['device']}, {args.dtype}", stem.with_suffix(".png"))
     print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=1))
-    print(f"wrote {stem}.json and .png")
+    try:
+        plot(curves, unigram, f"{summary['text']}; {summary['device']}, {args.dtype}", stem.with_suffix(".png"))
+        print(f"wrote {stem}.json and .png")
+    except ImportError as err:
+        print(f"wrote {stem}.json; no plot ({err}: pip install matplotlib)")
 
 
 if __name__ == "__main__":

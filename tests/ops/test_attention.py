@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sharnn_fast import ops
-from tolerances import assert_all_close, outputs_and_grads
+from tolerances import assert_all_close, compare_in_reduced_precision, fp32_tolerance, outputs_and_grads
 
 # (Tq, Tk, B, d): one query, no memory, memory in front of the keys, widths not powers of two.
 SHAPES = [(1, 1, 1, 80), (1, 37, 3, 96), (37, 37, 3, 80), (37, 82, 3, 96), (5, 12, 2, 16)]
@@ -44,7 +44,7 @@ def test_reference_mask_is_aligned_to_the_end():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_matches_reference(shape, device):
     inputs = attention_inputs(*shape, device=device)
-    tolerance = "tf32" if device.type == "cuda" else torch.float32
+    tolerance = fp32_tolerance(device)
     assert_all_close(outputs_and_grads(run_attention("torch"), inputs),
                      outputs_and_grads(run_attention("reference"), inputs), tolerance, what="torch attention")
 
@@ -52,15 +52,8 @@ def test_torch_matches_reference(shape, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_reduced_precision_on_gpu(dtype):
-    from tolerances import assert_close_reduced
-    inputs = attention_inputs(37, 82, 3, 96, device="cuda")
-    expected_out, expected_grads = outputs_and_grads(run_attention("reference"), inputs)
-    low = {k: v.to(dtype) for k, v in inputs.items()}
-    ref_out, ref_grads = outputs_and_grads(run_attention("reference"), low)
-    got_out, got_grads = outputs_and_grads(run_attention("torch"), low)
-    assert_close_reduced(got_out[0], ref_out[0], expected_out[0], "output")
-    for name in expected_grads:
-        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+    compare_in_reduced_precision(run_attention("torch"), run_attention("reference"),
+                                 attention_inputs(37, 82, 3, 96, device="cuda"), dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 import sharnn_fast  # noqa: E402
 from sharnn_fast import ops  # noqa: E402
 from sharnn_fast.ops.attention import triton as attention_triton_module  # noqa: E402
-from tolerances import REDUCED_SLACK, assert_all_close, outputs_and_grads, relative_error  # noqa: E402
+from tolerances import (REDUCED_SLACK, assert_all_close, fp32_tolerance, outputs_and_grads,  # noqa: E402
+                        relative_error)
 
 # (Tq, Tk, B, d, dv): one query, no memory, a memory in front of the keys, widths not powers of two,
 # values narrower than keys, and a width past 2048.
@@ -32,10 +33,6 @@ def device():
 def _poison_outputs(monkeypatch):
     """Every output the kernels allocate starts as NaN, so an element they never write fails."""
     monkeypatch.setattr(attention_triton_module, "POISON_OUTPUTS", True)
-
-
-def fp32_tolerance(device):
-    return "tf32" if device.type == "cuda" else torch.float32
 
 
 def attention_inputs(Tq, Tk, B, d, dv, device, dtype=torch.float32):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from sharnn_fast import ops
 from sharnn_fast.ops.boom.torch_native import keep_mask
-from tolerances import assert_all_close, outputs_and_grads
+from tolerances import assert_all_close, compare_in_reduced_precision, fp32_tolerance, outputs_and_grads
 
 # (leading shape, d, F): 3-d and 2-d inputs, a single token, widths not powers of two.
 SHAPES = [((37, 3), 80, 320), ((1,), 96, 288), ((2, 3, 5), 16, 16), ((4, 1), 80, 160)]
@@ -38,7 +38,7 @@ def test_reference_matches_definition():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_matches_reference(shape, device):
     inputs = boom_inputs(*shape, device=device)
-    tolerance = "tf32" if device.type == "cuda" else torch.float32
+    tolerance = fp32_tolerance(device)
     assert_all_close(outputs_and_grads(run_boom("torch"), inputs),
                      outputs_and_grads(run_boom("reference"), inputs), tolerance, what="torch boom")
 
@@ -52,15 +52,8 @@ def test_torch_without_bias():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_reduced_precision_on_gpu(dtype):
-    from tolerances import assert_close_reduced
-    inputs = boom_inputs((37, 3), 80, 320, device="cuda")
-    expected_out, expected_grads = outputs_and_grads(run_boom("reference"), inputs)
-    low = {k: v.to(dtype) for k, v in inputs.items()}
-    ref_out, ref_grads = outputs_and_grads(run_boom("reference"), low)
-    got_out, got_grads = outputs_and_grads(run_boom("torch"), low)
-    assert_close_reduced(got_out[0], ref_out[0], expected_out[0], "output")
-    for name in expected_grads:
-        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+    compare_in_reduced_precision(run_boom("torch"), run_boom("reference"),
+                                 boom_inputs((37, 3), 80, 320, device="cuda"), dtype)
 
 
 def test_torch_dropout_uses_one_mask_for_forward_and_backward():

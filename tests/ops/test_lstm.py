@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from sharnn_fast import ops
 from sharnn_fast.ops.lstm.reference import lstm_reference
-from tolerances import assert_all_close, outputs_and_grads
+from tolerances import assert_all_close, compare_in_reduced_precision, fp32_tolerance, outputs_and_grads
 
 # (T, B, I, H): single step, batch of one, odd lengths and batches, widths not powers of two.
 SHAPES = [(1, 1, 8, 8), (1, 3, 80, 96), (37, 3, 96, 80), (5, 1, 80, 80)]
@@ -62,7 +62,7 @@ def test_reference_matches_nn_lstm(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_matches_reference(shape, with_state, device):
     inputs = lstm_inputs(*shape, device=device, with_state=with_state)
-    tolerance = "tf32" if device.type == "cuda" else torch.float32
+    tolerance = fp32_tolerance(device)
     assert_all_close(outputs_and_grads(run_lstm("torch"), inputs),
                      outputs_and_grads(run_lstm("reference"), inputs), tolerance, what="torch lstm")
 
@@ -70,16 +70,8 @@ def test_torch_matches_reference(shape, with_state, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_reduced_precision_on_gpu(dtype):
-    from tolerances import assert_close_reduced
-    inputs = lstm_inputs(37, 3, 96, 80, device="cuda")
-    expected_out, expected_grads = outputs_and_grads(run_lstm("reference"), inputs)
-    low = {k: v.to(dtype) for k, v in inputs.items()}
-    ref_out, ref_grads = outputs_and_grads(run_lstm("reference"), low)
-    got_out, got_grads = outputs_and_grads(run_lstm("torch"), low)
-    for i, (g, r, e) in enumerate(zip(got_out, ref_out, expected_out)):
-        assert_close_reduced(g, r, e, f"output {i}")
-    for name in expected_grads:
-        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+    compare_in_reduced_precision(run_lstm("torch"), run_lstm("reference"),
+                                 lstm_inputs(37, 3, 96, 80, device="cuda"), dtype)
 
 
 def test_nan_input_propagates_without_crash():

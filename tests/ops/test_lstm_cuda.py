@@ -15,7 +15,7 @@ from sharnn_fast import BackendUnavailableError, _native
 from sharnn_fast.ops.lstm import cuda as lstm_cuda
 from sharnn_fast.ops.lstm.reference import lstm_reference
 from test_lstm import SHAPES, lstm_inputs, run_lstm
-from tolerances import assert_all_close, assert_close_reduced, outputs_and_grads
+from tolerances import assert_all_close, compare_in_reduced_precision, outputs_and_grads
 
 # Device properties as cudaDeviceGetAttribute reports them.
 H100 = lstm_cuda.DeviceLimits("H100 SXM", sm_count=132, shared_per_block=232448,
@@ -240,16 +240,9 @@ def test_host_code_matches_reference_on_cpu(shape, with_state):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_host_code_reduced_precision_on_cpu(dtype):
-    inputs = lstm_inputs(9, 3, 24, 40)
-    expected_out, expected_grads = outputs_and_grads(run_lstm("reference"), inputs)
-    low = {k: v.to(dtype) for k, v in inputs.items()}
-    ref_out, ref_grads = outputs_and_grads(run_lstm("reference"), low)
-    got_out, got_grads = outputs_and_grads(run_recurrence, low)
-    for i, (g, r, e) in enumerate(zip(got_out, ref_out, expected_out)):
-        assert g.dtype == dtype
-        assert_close_reduced(g, r, e, f"output {i}")
-    for name in expected_grads:
-        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+    outputs, _ = compare_in_reduced_precision(run_recurrence, run_lstm("reference"),
+                                              lstm_inputs(9, 3, 24, 40), dtype)
+    assert all(o.dtype == dtype for o in outputs)
 
 
 def test_gradient_through_one_output_alone():
@@ -353,15 +346,8 @@ def test_kernels_match_reference_fp32(shape, with_state, poisoned_outputs):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_kernels_reduced_precision(shape, dtype, poisoned_outputs):
     inputs = lstm_inputs(*shape, device="cuda")
-    expected_out, expected_grads = outputs_and_grads(run_lstm("reference"), inputs)
-    low = {k: v.to(dtype) for k, v in inputs.items()}
-    skip_unless_it_fits(low)
-    ref_out, ref_grads = outputs_and_grads(run_lstm("reference"), low)
-    got_out, got_grads = outputs_and_grads(run_lstm("cuda"), low)
-    for i, (g, r, e) in enumerate(zip(got_out, ref_out, expected_out)):
-        assert_close_reduced(g, r, e, f"output {i}")
-    for name in expected_grads:
-        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+    skip_unless_it_fits({k: v.to(dtype) for k, v in inputs.items()})
+    compare_in_reduced_precision(run_lstm("cuda"), run_lstm("reference"), inputs, dtype)
 
 
 @pytest.mark.gpu

@@ -21,7 +21,8 @@ pytest.importorskip("triton")
 import sharnn_fast
 from sharnn_fast import BackendUnavailableError, ops
 from test_lstm import SHAPES, lstm_inputs, run_lstm
-from tolerances import assert_all_close, assert_close_reduced, outputs_and_grads
+from tolerances import (assert_all_close, assert_all_close_reduced, compare_in_reduced_precision,
+                        fp32_tolerance, outputs_and_grads)
 
 lstm_triton = importlib.import_module("sharnn_fast.ops.lstm.triton")
 
@@ -39,22 +40,11 @@ def _poison_new_buffers(monkeypatch):
     monkeypatch.setattr(lstm_triton, "POISON_NEW_BUFFERS", True)
 
 
-def fp32_tolerance(device):
-    return "tf32" if device.type == "cuda" else torch.float32
-
-
 def assert_reduced_matches(inputs, dtype):
     """The triton backend in ``dtype`` against the reference in ``dtype`` and in float32: at most
     2x the reference's own error, for every output and gradient."""
-    expected_out, expected_grads = outputs_and_grads(run_lstm("reference"), inputs)
-    low = {k: v.to(dtype) for k, v in inputs.items()}
-    ref_out, ref_grads = outputs_and_grads(run_lstm("reference"), low)
-    got_out, got_grads = outputs_and_grads(run_lstm("triton"), low)
-    for i, (g, r, e) in enumerate(zip(got_out, ref_out, expected_out)):
-        assert g.dtype == dtype
-        assert_close_reduced(g, r, e, f"output {i}")
-    for name in expected_grads:
-        assert_close_reduced(got_grads[name], ref_grads[name], expected_grads[name], f"grad {name}")
+    outputs, _ = compare_in_reduced_precision(run_lstm("triton"), run_lstm("reference"), inputs, dtype)
+    assert all(o.dtype == dtype for o in outputs)
 
 
 @pytest.mark.parametrize("with_state", [True, False])
@@ -126,14 +116,11 @@ def test_autocast(device):
     inputs = lstm_inputs(6, 3, 16, 24, device=device)
     expected = outputs_and_grads(run_lstm("reference"), inputs)
     with torch.autocast(device.type, dtype=dtype):
-        got_out, got_grads = outputs_and_grads(run_lstm("triton"), inputs)
-        ref_out, ref_grads = outputs_and_grads(run_lstm("reference"), inputs)
-    for i, (g, r, e) in enumerate(zip(got_out, ref_out, expected[0])):
-        assert g.dtype == dtype
-        assert_close_reduced(g, r, e, f"output {i}")
-    for name, grad in got_grads.items():
-        assert grad.dtype == torch.float32
-        assert_close_reduced(grad, ref_grads[name], expected[1][name], f"grad {name}")
+        got = outputs_and_grads(run_lstm("triton"), inputs)
+        reference_low = outputs_and_grads(run_lstm("reference"), inputs)
+    assert_all_close_reduced(got, reference_low, expected, "autocast")
+    assert all(o.dtype == dtype for o in got[0])
+    assert all(g.dtype == torch.float32 for g in got[1].values())
 
 
 def test_torch_compile_fullgraph(device):
