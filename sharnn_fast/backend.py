@@ -75,12 +75,6 @@ class LazyImplementation:
         if self._loaded is None and self._error is None:
             try:
                 self._loaded = importlib.import_module(self.module).IMPLEMENTATION
-            except ModuleNotFoundError as err:
-                if err.name == self.module:  # the file itself is missing
-                    self._error = (f"{self.module} is not part of this version of sharnn_fast; "
-                                   "use backend='torch' or backend='auto'")
-                else:
-                    self._error = f"{err}; {self.missing_hint}"
             except ImportError as err:
                 self._error = f"{err}; {self.missing_hint}"
         return self._loaded
@@ -96,7 +90,8 @@ class LazyImplementation:
         return impl.run(*args, **kwargs)
 
 
-TRITON_HINT = "the triton backend needs `pip install triton` (CUDA GPUs; CPU only under TRITON_INTERPRET=1)"
+TRITON_HINT = ("the triton backend needs `pip install triton` (CUDA GPUs; CPU only under "
+               "TRITON_INTERPRET=1); use backend='torch' or backend='auto' meanwhile")
 CUDA_HINT = "the cuda backend needs sharnn_fast built with nvcc (see sharnn_fast.build_info())"
 
 
