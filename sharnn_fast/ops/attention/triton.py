@@ -38,7 +38,6 @@ casts q, k, v to the autocast dtype before calling the op, as autocast does for 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -46,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ...backend import Implementation
+from .._kernels import compute_dtype, triton_why_not
 
 # Tuning constants, the only place they live.
 #   BLOCK_M, BLOCK_N: query and key rows per tile. BLOCK_DK: width chunk of the Q.K^T and dO.V^T
@@ -76,7 +76,6 @@ INTERPRETER_CONFIG = dict(
     delta=dict(BLOCK_M=32, BLOCK_DK=64),
 )
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tests set this to fill every output with NaN before the kernels write it, so an element a kernel
 # forgets to write fails the comparison instead of passing by luck.
 POISON_OUTPUTS = False
@@ -488,48 +487,17 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # The "triton" implementation of ops.attention
 # ------------------------------------------------------------------------------------------------
 
-def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-    """Under autocast, its dtype (float64 stays float64, as autocast leaves it for matmuls);
-    otherwise the inputs' dtype."""
-    if torch.is_autocast_enabled(q.device.type) and q.dtype != torch.float64:
-        return torch.get_autocast_dtype(q.device.type)
-    return q.dtype
-
-
 def attention_triton(q, k, v, dropout_p=0.0, training=False):
     """ops.attention's arguments -> [Tq, B, dv]. Under autocast, q, k, v are cast to its dtype."""
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     p = float(dropout_p) if training else 0.0
     seed = (torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device) if p > 0.0 else None)
     return attention_fwd(q, k, v, p, seed)[0]
 
 
-def _interpreter_ready() -> bool:
-    """Triton reads TRITON_INTERPRET when a function is decorated: both these kernels and Triton's
-    own library (tl.zeros, tl.sum, ...) must have been defined after it was set."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(attention_fwd_kernel, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
-
-
 def why_not(q, k, v, dropout_p=0.0, training=False) -> Optional[str]:
-    device = q.device
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("Triton kernels run on CUDA tensors; got cpu (TRITON_INTERPRET=1, set before "
-                "sharnn_fast imports triton, runs them on CPU, for tests)")
-    if device.type == "cpu" and not _interpreter_ready():
-        return ("the Triton kernels were defined for a GPU: TRITON_INTERPRET=1 must be set before "
-                "triton is first imported (importing torch._dynamo or sharnn_fast imports it) to run "
-                "them on CPU")
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton kernels run on CUDA tensors; got {device.type}"
-    dtype = _compute_dtype(q)
-    if dtype not in SUPPORTED_DTYPES:
-        return (f"the triton attention kernels take float32, float16 or bfloat16, got {dtype}; "
-                "use backend='reference' (or 'torch')")
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return "Triton's CPU interpreter has no bfloat16; use float32 or float16, or a CUDA GPU"
-    return None
+    return triton_why_not("attention", q, attention_fwd_kernel)
 
 
 IMPLEMENTATION = Implementation(run=attention_triton, why_not=why_not)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ...backend import Implementation
+from .._kernels import compute_dtype, triton_why_not
 
 # Globals a kernel reads must be constexpr (compiled Triton rejects plain globals).
 _GELU_SCALE = tl.constexpr(1.702)
@@ -253,19 +254,9 @@ def _backward(ctx, dy):
 
 boom_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(x):
-    """The dtype the op runs in: the autocast dtype when autocast is on for x's device."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def boom_triton(x, weight, bias, dropout_p=0.0, training=False):
     """x [..., d], weight [F, d], bias [F] or None -> y [..., d]."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     x, weight = x.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     dropout_p = dropout_p if training else 0.0
@@ -277,18 +268,10 @@ def boom_triton(x, weight, bias, dropout_p=0.0, training=False):
 
 
 def boom_triton_why_not(x, weight, bias, dropout_p=0.0, training=False) -> Optional[str]:
-    device = x.device
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("Triton kernels run on CUDA tensors; got cpu (TRITON_INTERPRET=1 runs them on CPU, for "
-                "tests); use backend='torch' on CPU")
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton kernels run on CUDA tensors; got {device.type}; use backend='torch'"
-    dtype = _compute_dtype(x)
-    if dtype not in _DTYPES:
-        return f"the triton Boom supports float32, float16 and bfloat16, got {dtype}; use backend='torch'"
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return ("Triton's interpreter (TRITON_INTERPRET=1, CPU) has no bfloat16; use float32 or float16, "
-                "a CUDA GPU, or backend='torch'")
+    reason = triton_why_not("Boom", x, boom_fwd_kernel)
+    if reason is not None:
+        return reason
+    device, dtype = x.device, compute_dtype(x)
     tokens, F = x.numel() // x.shape[-1], weight.shape[0]
     if tokens * F >= 2**31:
         return (f"{tokens} tokens x F={F} exceeds the 2**31 elements the kernels index with int32; "

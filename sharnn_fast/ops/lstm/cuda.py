@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ... import _native
 from ...backend import Implementation
+from .._kernels import KERNEL_DTYPES, compute_dtype
 
 # Mirrors of the kernels' constants (csrc/lstm/lstm_recurrence.cuh); tests check that they agree.
 THREADS = 512  # per block, one block per SM
@@ -41,7 +42,6 @@ PAIR_SLOTS = 2  # (hidden unit, sequence) cells per thread, kept in registers
 MAX_REGISTERS_PER_THREAD = 128  # __launch_bounds__(THREADS, 1) on a 64K-register SM
 RESERVED_SHARED_PER_BLOCK = 1024  # bytes of an SM's shared memory kept by the driver per block
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 # Tests set this to True: fresh outputs are then filled with NaN before a kernel writes them, so an
@@ -163,7 +163,7 @@ def _check_kernel_arguments(op: str, same_dtype: dict, float32: dict, shapes: di
     (the public op already did; this guards direct calls of the custom ops)."""
     tensors = {**same_dtype, **float32}
     dtypes = {t.dtype for t in same_dtype.values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in KERNEL_DTYPES:
         raise ValueError(f"{op}: " + ", ".join(same_dtype) + " must share one dtype of float32, "
                          "float16 or bfloat16, got "
                          + ", ".join(f"{name} {t.dtype}" for name, t in same_dtype.items()))
@@ -340,14 +340,6 @@ lstm_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- the backend --------------------------------------------------------------------------------
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Under autocast the recurrence runs in the autocast dtype (like the GEMMs around it), else in
-    the inputs' dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -355,7 +347,7 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
 def lstm_recurrence(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
     """The cuda backend's computation on any device the custom ops have a kernel for (CUDA, and the
     CPU emulation used by tests). Same arguments and results as ``ops.lstm``."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     T, B, _ = x.shape
     H = weight_hh.shape[1]
     x, weight_ih, weight_hh, bias_ih, bias_hh = (
@@ -376,7 +368,7 @@ def why_not(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None) -> Optional[str]
         return f"the cuda kernels run on CUDA tensors; got {x.device.type} tensors"
     h0, c0 = (None, None) if hx is None else hx
     needs_grad = _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
-    return _why_not_on_device(x.device.index, _compute_dtype(x), weight_hh.shape[1], x.shape[1],
+    return _why_not_on_device(x.device.index, compute_dtype(x), weight_hh.shape[1], x.shape[1],
                               needs_grad)
 
 
@@ -389,7 +381,7 @@ def _why_not_on_device(index: int, dtype: torch.dtype, H: int, B: int,
         _native.require_cuda_kernels("the cuda LSTM")
     except RuntimeError as err:
         return str(err)
-    if dtype not in DTYPES:
+    if dtype not in KERNEL_DTYPES:
         return f"the cuda LSTM supports float32, float16 and bfloat16; got {dtype}"
     for backward in (False, True) if needs_grad else (False,):
         plan = plan_recurrence(backward, H, B, dtype, device_limits(index))

@@ -33,11 +33,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
 from ...backend import Implementation
+from .._kernels import compute_dtype, interpreted, triton_why_not
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Set by the tests: fresh buffers that a kernel must fill completely start as NaN, so an element
 # that no program writes fails the comparison instead of passing by luck.
@@ -222,7 +221,7 @@ def lstm_bwd_step_kernel(
 # are launched directly.
 # ----------------------------------------------------------------------------------------------------
 def _interpreted() -> bool:
-    return isinstance(lstm_fwd_step_kernel, InterpretedFunction)
+    return interpreted(lstm_fwd_step_kernel)
 
 
 def _forward_launches(xg, w_hh, hs, c_all, gates, steps: range):
@@ -450,16 +449,9 @@ lstm_triton_forward.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------
 # The backend
 # ----------------------------------------------------------------------------------------------------
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """Under autocast the op runs in the autocast dtype, as torch.lstm does; else in x's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def lstm_triton(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
     T, B, _ = x.shape
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)  # under autocast, its dtype, as torch.lstm runs
     # Casting here (not with register_autocast, which fixes one dtype) serves fp16 and bf16
     # autocast alike; autograd casts the gradients back to the parameters' dtype.
     x, weight_ih, weight_hh, bias_ih, bias_hh = (
@@ -474,22 +466,7 @@ def lstm_triton(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
 
 
 def why_not(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None) -> Optional[str]:
-    dtype = _compute_dtype(x)
-    if dtype not in SUPPORTED_DTYPES:
-        return (f"the Triton LSTM supports float32, float16 and bfloat16, got {dtype}; "
-                "use backend='torch' or backend='reference'")
-    if x.device.type == "cuda":
-        return None
-    if x.device.type != "cpu":
-        return f"Triton kernels run on CUDA tensors; got {x.device.type}"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton kernels run on CUDA tensors; got cpu (TRITON_INTERPRET=1 runs them on CPU, for tests)"
-    if not _interpreted():
-        return ("the Triton kernels were compiled for a GPU: TRITON_INTERPRET=1 must be set before "
-                "sharnn_fast.ops.lstm.triton is first imported to run them on CPU")
-    if dtype == torch.bfloat16:
-        return "Triton's interpreter (CPU) has no bfloat16; use float32 or float16, or a CUDA GPU"
-    return None
+    return triton_why_not("LSTM", x, lstm_fwd_step_kernel)
 
 
 IMPLEMENTATION = Implementation(run=lstm_triton, why_not=why_not)

@@ -1,0 +1,48 @@
+"""What the kernel implementations (triton.py, cuda.py) share: the dtype they run in under autocast
+and the device checks of a Triton backend. Not an implementation itself."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel runs in: under autocast for x's device, the autocast dtype (as for the
+    GEMMs around it; float64 stays float64, as autocast leaves it), else x's own."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` and Triton's own library (tl.zeros, tl.sum, ...) were defined with
+    TRITON_INTERPRET=1: Triton reads it when a function is decorated, not when it is called."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(kernel, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
+
+
+def triton_why_not(what: str, x: torch.Tensor, kernel) -> Optional[str]:
+    """Why the Triton kernels of ``what`` cannot take ``x`` (device, interpreter, dtype), or None."""
+    device, dtype = x.device, compute_dtype(x)
+    if dtype not in KERNEL_DTYPES:
+        return (f"the triton {what} supports float32, float16 and bfloat16, got {dtype}; "
+                "use backend='torch' or backend='reference'")
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu":
+        return f"Triton kernels run on CUDA tensors; got {device.type}; use backend='torch'"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Triton kernels run on CUDA tensors; got cpu (TRITON_INTERPRET=1 runs them on CPU, "
+                "for tests); use backend='torch' on CPU")
+    if not interpreted(kernel):
+        return ("the Triton kernels were defined for a GPU: TRITON_INTERPRET=1 must be set before "
+                "triton is first imported (torch._dynamo and sharnn_fast import it) to run them on CPU")
+    if dtype == torch.bfloat16:
+        return ("Triton's interpreter (TRITON_INTERPRET=1, CPU) has no bfloat16; use float32 or float16, "
+                "a CUDA GPU, or backend='torch'")
+    return None
