@@ -32,20 +32,20 @@ fi
 } 2>&1 | tee -a "$summary"
 
 phase "GPU tests"
-timeout 150 $py -m pytest tests/ -m gpu -q -rfEs -p no:cacheprovider >"$out/gpu_tests.log" 2>&1
+timeout 200 $py -m pytest tests/ -m gpu -q -rfEs -p no:cacheprovider >"$out/gpu_tests.log" 2>&1
 tests_rc=$?
 tail -n 25 "$out/gpu_tests.log" | tee -a "$summary"
 
 phase benchmarks
 # Ops first (each is quick), then the model; one session, so one results file.
-timeout 270 $py -m pytest benchmarks/bench_boom.py benchmarks/bench_attention.py \
+timeout 240 $py -m pytest benchmarks/bench_boom.py benchmarks/bench_attention.py \
   benchmarks/bench_lstm.py benchmarks/bench_model.py -q -p no:cacheprovider >"$out/benchmarks.log" 2>&1
 bench_rc=$?
 new_results=$(ls -t benchmarks/results/2*.json 2>/dev/null | head -n 1)
 [ -n "$new_results" ] && cp -p "$new_results" "${new_results%.json}.md" "$out/"
 
 phase "convergence (bf16)"
-timeout 60 $py tools/convergence.py --device cuda --dtype bfloat16 --steps 150 >>"$summary" 2>&1
+timeout 50 $py tools/convergence.py --device cuda --dtype bfloat16 --steps 150 >>"$summary" 2>&1
 conv_rc=$?
 cp -p benchmarks/results/convergence_*bfloat16.json benchmarks/results/convergence_*bfloat16.png "$out/" 2>/dev/null
 
