@@ -1,7 +1,8 @@
 """ops.lstm backends side by side: forward (no grad) and forward+backward, in every dtype.
 
-GPU: the paper's size (T 1024, B 16, I = H = 1024) in float32, float16 and bfloat16. CPU: a small
-size in float32, without the triton backend (its interpreter is not a benchmark). Each row reports
+GPU: the paper's size (T 1024, B 16, I = H = 1024) in float32, float16 and bfloat16, and the same
+with B 1 for inference (forward only). CPU: a small size in float32, without the triton backend (its
+interpreter is not a benchmark). Each row reports
 time (also per sequential step), achieved TFLOP/s, the physical limit (conftest's `peaks`) and, on
 CUDA, peak memory; the baseline of each group is
 nn.LSTM's kernel (backend "torch": cuDNN on CUDA) in float32. Targets (GPU, bf16 triton): faster
@@ -20,6 +21,7 @@ SIZES = {
     "cuda": dict(T=1024, B=16, I=1024, H=1024, rounds=10),
     "cpu": dict(T=64, B=4, I=128, H=128, rounds=5),
 }
+INFERENCE_BATCH = 1  # generation and evaluation run one sequence: forward only, on GPU
 DTYPES = ["float32", "float16", "bfloat16"]
 # (variant, backend). "triton-launches" is triton with CUDA graphs off: the pair measures what the
 # graphs buy. Every variant whose backend's why_not refuses the inputs is skipped with that reason.
@@ -28,11 +30,9 @@ VARIANTS = [
     ("torch", "torch"),
     ("triton", "triton"),
     ("triton-launches", "triton"),
-    # The native CUDA backend (sharnn_fast/ops/lstm/cuda.py); add its own variants (e.g. options
-    # it offers) here.
-    ("cuda", "cuda"),
+    ("cuda", "cuda"),  # the persistent kernel (sharnn_fast/ops/lstm/cuda.py)
 ]
-MODES = ["forward", "forward+backward"]
+MODES = ["forward", "forward+backward", "inference B 1"]
 
 
 def lstm_args(size, device, dtype, requires_grad):
@@ -54,9 +54,9 @@ def lstm_work(size, mode):
     T, B, I, H = size["T"], size["B"], size["I"], size["H"]
     flops = 2 * T * B * 4 * H * (I + H)
     elements = T * B * I + 4 * H * (I + H + 2) + T * B * H
-    if mode == "forward":
-        return flops, elements, T
-    return 3 * flops, 2 * elements, 2 * T
+    if mode == "forward+backward":
+        return 3 * flops, 2 * elements, 2 * T
+    return flops, elements, T
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -64,13 +64,17 @@ def lstm_work(size, mode):
 @pytest.mark.parametrize("variant, backend", VARIANTS)
 def test_lstm(benchmark, record, monkeypatch, device, variant, backend, dtype_name, mode):
     size = SIZES[device.type]
+    if mode == "inference B 1":
+        if device.type != "cuda":
+            pytest.skip("the B 1 inference case is benchmarked on GPU only")
+        size = dict(size, B=INFERENCE_BATCH)
     dtype = getattr(torch, dtype_name)
     if device.type == "cpu" and dtype != torch.float32:
         pytest.skip("CPU benchmarks run float32 only")
     if device.type == "cpu" and backend == "triton":
         pytest.skip("Triton on CPU runs in its interpreter, which is not a benchmark")
     torch.manual_seed(0)
-    args = lstm_args(size, device, dtype, requires_grad=mode != "forward")
+    args = lstm_args(size, device, dtype, requires_grad=mode == "forward+backward")
     reason = IMPLEMENTATIONS[backend].why_not(*args)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
@@ -95,7 +99,7 @@ def test_lstm(benchmark, record, monkeypatch, device, variant, backend, dtype_na
     group = f"lstm {mode}"
     benchmark.group = group
     # Two warm-up rounds: the first compiles the kernels, the second captures the CUDA graphs.
-    benchmark.pedantic(forward if mode == "forward" else forward_backward, rounds=size["rounds"],
+    benchmark.pedantic(forward_backward if mode == "forward+backward" else forward, rounds=size["rounds"],
                        warmup_rounds=2, iterations=1)
     flops, elements, steps = lstm_work(size, mode)
     extra = {}
