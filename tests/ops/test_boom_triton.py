@@ -116,11 +116,34 @@ def recover_keep_mask(lead, d, F_, device, seed, dropout_p):
     return torch.cat(chunks, dim=-1)
 
 
-def test_dropout_mask_is_the_same_in_forward_and_backward(device):
+def use_tiles(monkeypatch, **tiles):
+    """Launch ``tiles[kernel]`` (block sizes) instead of the configured ones, for kernel "fwd" or "dz"."""
+    configured = boom_triton.launch_config
+
+    def launch_config(kernel, dtype, interpreter):
+        return dict(configured(kernel, dtype, interpreter), **tiles.get(kernel, {}))
+    monkeypatch.setattr(boom_triton, "launch_config", launch_config)
+
+
+def test_dropout_mask_does_not_depend_on_the_tiles(monkeypatch, device):
+    """Four elements share a Philox call, but which four is fixed by (token, chunk, column), so
+    other tiles (and other grids) draw the same mask bit for bit."""
+    lead, d, F_ = (37, 3), 80, 320
+    configured = recover_keep_mask(lead, d, F_, device, seed=7, dropout_p=0.5)
+    for tiles in (dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=64, BLOCK_N=32)):
+        use_tiles(monkeypatch, fwd=tiles)
+        assert torch.equal(recover_keep_mask(lead, d, F_, device, seed=7, dropout_p=0.5), configured), tiles
+
+
+@pytest.mark.parametrize("dz_tiles", [None, dict(BLOCK_M=16, BLOCK_N=32)], ids=["configured", "other dz tiles"])
+def test_dropout_mask_is_the_same_in_forward_and_backward(dz_tiles, monkeypatch, device):
     """Output and all gradients equal the explicit formula with the mask recovered from forward:
-    backward regenerating a different mask would break the gradients."""
+    backward regenerating a different mask would break the gradients, also when its tiles are
+    not the forward's."""
     p, lead, d, F_ = 0.3, (37, 3), 80, 320
     keep = recover_keep_mask(lead, d, F_, device, seed=7, dropout_p=p)
+    if dz_tiles is not None:
+        use_tiles(monkeypatch, dz=dz_tiles)
     inputs = boom_inputs(lead, d, F_, device)
     torch.manual_seed(7)
     got = outputs_and_grads(run_boom("triton", dropout_p=p, training=True), inputs)

@@ -7,17 +7,19 @@ accumulator, adds the bias, applies GELU(z) = z * sigmoid(1.702 z) and dropout i
 the result to a running fp32 sum; only that d-wide sum is written.
 
 Backward saves nothing but the inputs and a one-element seed. ``boom_bwd_dz_kernel`` recomputes
-z = x W^T + b tile by tile over [N, F], regenerates the dropout mask and writes
-dz = dy[:, f mod d] * keep * scale * GELU'(z) once (input dtype, fp32 math) plus per-block column sums
-for db; then dX = dz W and dW = dz^T x are two cuBLAS GEMMs. Recomputing z costs one GEMM of the
+z = x W^T + b tile by tile over [N, F] (a tile inside one chunk, like the forward's), regenerates
+the dropout mask and writes dz = dy[:, f mod d] * keep * scale * GELU'(z) once (input dtype, fp32
+math) plus per-block column sums for db; then dX = dz W and dW = dz^T x are two cuBLAS GEMMs. Recomputing z costs one GEMM of the
 forward's size but keeps no [N, F] tensor alive between forward and backward (the torch backend keeps
 z, and with dropout a mask of the same shape).
 
-Dropout: keep element (m, f) of the virtual [N, F] activation iff the top 24 bits of
-Philox(seed, counter = (f, m, 0, 0)) are >= round(p * 2**24). The seed is a one-element int64
-tensor drawn from torch's generator on the input's device, so torch.manual_seed makes masks
-reproducible, torch.compile sees an ordinary random op, and backward regenerates the same mask from
-the seed it saved. Two counter words (column, row) instead of one flat offset: no overflow for any N.
+Dropout: keep element (m, f = c*d + n) of the virtual [N, F] activation iff the top 24 bits of
+output n % 4 of Philox(seed, counter = (n // 4, m, c, 0)) are >= round(p * 2**24): all four
+outputs of each Philox call are used, and the mask depends on (seed, m, f) only, not on the tiles.
+The seed is a one-element int64 tensor drawn from torch's generator on the input's device, so
+torch.manual_seed makes masks reproducible, torch.compile sees an ordinary random op, and backward regenerates the same mask from
+the seed it saved. Three counter words (column group, row, chunk) instead of one flat offset: no
+overflow for any N.
 
 Both directions are ``torch.library.triton_op``s with ``register_autograd``, so
 torch.compile(fullgraph=True) traces them; under autocast the inputs are cast to the autocast dtype
@@ -25,7 +27,6 @@ before the op (the op itself is dtype-agnostic: fp32, fp16, bf16 in, fp32 accumu
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -33,27 +34,40 @@ import triton
 import triton.language as tl
 
 from ...backend import Implementation
-from .._kernels import compute_dtype, triton_why_not
+from .._kernels import compute_dtype, interpreted, triton_why_not
 
 # Globals a kernel reads must be constexpr (compiled Triton rejects plain globals).
 _GELU_SCALE = tl.constexpr(1.702)
 _MASK_BITS = tl.constexpr(24)  # random bits compared with the dropout threshold: keep rate exact to 2**-24
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are defined, like Triton
 
-# Tuning constants, one tile for both kernels: BLOCK_M tokens x BLOCK_N columns, K in steps of
-# BLOCK_K. On a GPU, 128 x 128 tiles with 8 warps: the forward's epilogue (two live fp32 tiles,
-# Philox, GELU) does not spill on sm_90 in 16-bit; BLOCK_K keeps the 3-stage operand buffers at 96 KB
-# in every dtype (sm_80 has 164 KB). No autotune: every config costs seconds of compilation per shape
-# and dtype, and none has been measured yet. Under the interpreter: tiles smaller than the test widths
-# (80, 320), so the masks on every edge (tokens, columns, K) are exercised.
-if _INTERPRET:
-    _TILE = dict(BLOCK_M=32, BLOCK_N=64)
-    _BLOCK_K = {torch.float32: 32, torch.float16: 32, torch.bfloat16: 32}
-    _LAUNCH = {}
-else:
-    _TILE = dict(BLOCK_M=128, BLOCK_N=128)
-    _BLOCK_K = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
-    _LAUNCH = dict(num_warps=8, num_stages=3)
+# Tuning constants, the only place they live: per kernel, BLOCK_M tokens x BLOCK_N columns, K in
+# steps of BLOCK_K, and the launch options. GPU values from tools/compile_report.py (sm_90a and
+# sm_80, no GPU needed): the forward's 128 x 128 tile with 8 warps does not spill in any dtype;
+# the dz kernel keeps more live per element (z, its sigmoid, dy, the dropout bits) and spills at
+# 128 x 128, so it takes half the columns. BLOCK_K keeps the 3-stage operand buffers within 96 KB
+# in every dtype (sm_80 has 164 KB). BLOCK_N must be a multiple of 4 (four dropout elements per
+# Philox call). No autotune: every config costs seconds of compilation per shape and dtype, and
+# none has been timed on a GPU yet. Under the interpreter: tiles smaller than the test widths (80,
+# 320), so the masks on every edge (tokens, columns, K) are exercised.
+GPU_CONFIG = dict(
+    fwd=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dz=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+)
+GPU_BLOCK_K = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+INTERPRETER_CONFIG = dict(fwd=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
+                          dz=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32))
+
+
+def launch_config(kernel: str, dtype: torch.dtype, interpreter: bool) -> dict:
+    """Block sizes, dot precision and launch options of ``kernel`` ("fwd" or "dz") for inputs of
+    ``dtype``, on a GPU or (``interpreter``) in Triton's interpreter. The launchers take them from
+    here only, so tools/compile_report.py, which runs the launchers on meta tensors, compiles what
+    runs."""
+    if interpreter:
+        config = dict(INTERPRETER_CONFIG[kernel])
+    else:
+        config = dict(GPU_CONFIG[kernel], BLOCK_K=GPU_BLOCK_K[dtype])
+    return dict(config, DOT_PRECISION=_dot_precision(dtype))
 
 
 def empty_output(shape, dtype, device):
@@ -81,14 +95,18 @@ def _add_bias(acc, b_ptr, rows, F, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _dropout_draw(seed, offs_m, cols):
-    """24 uniform random bits (as int32) per element of the tile at tokens offs_m and activation
-    columns cols; the element is kept iff they are >= the threshold. A function of (seed, token,
-    column) only, so forward and backward draw the same whatever their tiles."""
-    zero = tl.zeros((offs_m.shape[0], cols.shape[0]), dtype=tl.int32)
-    row_counter = offs_m[:, None] + zero
-    col_counter = cols[None, :] + zero
-    bits, _, _, _ = tl.philox(seed, col_counter, row_counter, zero, zero)
+def _dropout_bits(seed, offs_m, chunk, n_start, BLOCK_N: tl.constexpr):
+    """24 uniform random bits (as int32) for each element of the [len(offs_m), BLOCK_N] tile at
+    tokens offs_m and columns n_start .. n_start + BLOCK_N - 1 of chunk ``chunk``; the element is
+    kept iff they are >= the threshold. Element (m, c, n) takes output n % 4 of
+    Philox(seed, counter = (n // 4, m, c, 0)): one call serves four elements, and the bits are a
+    function of (seed, m, c, n) only, so every tiling draws the same mask (n_start must be a
+    multiple of 4, which every BLOCK_N makes it)."""
+    zero = tl.zeros((offs_m.shape[0], BLOCK_N // 4), dtype=tl.int32)
+    groups = n_start // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.philox(seed, groups[None, :] + zero, offs_m[:, None] + zero, chunk + zero, zero)
+    # join(join(r0, r2), join(r1, r3))[m, j, a, b] is output 2a + b of group j: column 4j + 2a + b.
+    bits = tl.join(tl.join(r0, r2), tl.join(r1, r3)).reshape(offs_m.shape[0], BLOCK_N)
     return (bits >> (32 - _MASK_BITS)).to(tl.int32)
 
 
@@ -100,7 +118,8 @@ def boom_fwd_kernel(x_ptr, w_ptr, b_ptr, seed_ptr, y_ptr, N, D, F,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = sum over chunks c of dropout(GELU(z[m, c*D + n])); grid (N / BLOCK_M, D / BLOCK_N)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     # Columns n >= D of the last column block read rows of the next chunk (or rows past F, which
     # load as zero): harmless, as they are never stored.
     n_ok = offs_n < D
@@ -123,7 +142,7 @@ def boom_fwd_kernel(x_ptr, w_ptr, b_ptr, seed_ptr, y_ptr, N, D, F,
             z = _add_bias(acc, b_ptr, rows, F, HAS_BIAS)
             a = z * tl.sigmoid(z * _GELU_SCALE)
             if DROPOUT:
-                keep = _dropout_draw(seed, offs_m, c * D + offs_n) >= drop_threshold
+                keep = _dropout_bits(seed, offs_m, c, n_start, BLOCK_N) >= drop_threshold
                 a = tl.where(keep, a * keep_scale, 0.0)
             y += a
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -137,15 +156,21 @@ def boom_bwd_dz_kernel(x_ptr, w_ptr, b_ptr, seed_ptr, dy_ptr, dz_ptr, db_partial
                        drop_threshold, keep_scale,
                        HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dz[m, f] = dy[m, f mod D] * keep * scale * GELU'(z[m, f]) with z recomputed, and
-    db_partial[block of m, f] = sum over the block's tokens of dz; grid (N / BLOCK_M, F / BLOCK_N)."""
+    """dz[m, c*D + n] = dy[m, n] * keep * scale * GELU'(z[m, c*D + n]) with z recomputed, and
+    db_partial[block of m, f] = sum over the block's tokens of dz; grid (N / BLOCK_M,
+    F / D * D / BLOCK_N): a tile stays inside one chunk c, as in the forward."""
     pid_m = tl.program_id(0)
+    n_blocks = tl.cdiv(D, BLOCK_N)
+    c = tl.program_id(1) // n_blocks
+    n_start = (tl.program_id(1) - c * n_blocks) * BLOCK_N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_f = c * D + offs_n
     m_ok = offs_m < N
-    f_ok = offs_f < F
+    n_ok = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Columns n >= D read rows of the next chunk (or past F, loaded as zero): never stored.
     for k0 in range(0, D, BLOCK_K):
         x_tile, w_tile = _operand_tiles(x_ptr, w_ptr, offs_m, offs_f, k0 + offs_k, N, D, F,
                                         stride_xm, stride_xk, stride_wf, stride_wk)
@@ -154,19 +179,19 @@ def boom_bwd_dz_kernel(x_ptr, w_ptr, b_ptr, seed_ptr, dy_ptr, dz_ptr, db_partial
     s = tl.sigmoid(z * _GELU_SCALE)
     # d/dz [z s(1.702 z)] = s + 1.702 z s (1 - s)
     gelu_grad = s * (1.0 + z * _GELU_SCALE * (1.0 - s))
-    tile_ok = m_ok[:, None] & f_ok[None, :]
-    # Every chunk of the activation receives the upstream gradient of its column f mod D;
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    # Every chunk of the activation receives the upstream gradient of its column n;
     # rows past N load 0 so they add nothing to db.
-    dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + (offs_f % D)[None, :] * stride_dyn,
+    dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                  mask=tile_ok, other=0.0).to(tl.float32)
     dz = dy * gelu_grad
     if DROPOUT:
         seed = tl.load(seed_ptr)
-        keep = _dropout_draw(seed, offs_m, offs_f) >= drop_threshold
+        keep = _dropout_bits(seed, offs_m, c, n_start, BLOCK_N) >= drop_threshold
         dz = tl.where(keep, dz * keep_scale, 0.0)
     tl.store(dz_ptr + offs_m[:, None] * F + offs_f[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=tile_ok)
-    tl.store(db_partial_ptr + pid_m * F + offs_f, tl.sum(dz, axis=0), mask=f_ok)
+    tl.store(db_partial_ptr + pid_m * F + offs_f, tl.sum(dz, axis=0), mask=n_ok)
 
 
 def _dropout_constants(dropout_p: float):
@@ -174,11 +199,6 @@ def _dropout_constants(dropout_p: float):
     threshold = round(dropout_p * 2**_MASK_BITS.value)
     scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
     return threshold, scale
-
-
-def _tile_arguments(dtype):
-    """The tile and launch keyword arguments of both kernels for inputs of ``dtype``."""
-    return dict(_TILE, BLOCK_K=_BLOCK_K[dtype], DOT_PRECISION=_dot_precision(dtype), **_LAUNCH)
 
 
 def _dot_precision(dtype):
@@ -205,12 +225,12 @@ def boom_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     y = empty_output((N, D), x.dtype, x.device)  # [N, d]
     threshold, scale = _dropout_constants(dropout_p)
 
-    grid = (triton.cdiv(N, _TILE["BLOCK_M"]), triton.cdiv(D, _TILE["BLOCK_N"]))
+    config = launch_config("fwd", x.dtype, interpreted(boom_fwd_kernel))
+    grid = (triton.cdiv(N, config["BLOCK_M"]), triton.cdiv(D, config["BLOCK_N"]))
     torch.library.wrap_triton(boom_fwd_kernel)[grid](
         x, weight, weight if bias is None else bias, x if seed is None else seed, y, N, D, F,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
-        threshold, scale, HAS_BIAS=bias is not None, DROPOUT=seed is not None,
-        **_tile_arguments(x.dtype))
+        threshold, scale, HAS_BIAS=bias is not None, DROPOUT=seed is not None, **config)
     return y
 
 
@@ -225,15 +245,16 @@ def boom_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Opti
     dz = empty_output((N, F), x.dtype, x.device)  # [N, F]: transient, freed when backward returns
     threshold, scale = _dropout_constants(dropout_p)
 
-    token_blocks = triton.cdiv(N, _TILE["BLOCK_M"])
+    config = launch_config("dz", x.dtype, interpreted(boom_bwd_dz_kernel))
+    token_blocks = triton.cdiv(N, config["BLOCK_M"])
     # db from fp32 column sums of dz before it is rounded to the input dtype, one row per token block.
     db_partial = empty_output((token_blocks, F), torch.float32, x.device)  # [N / BLOCK_M, F]
-    grid = (token_blocks, triton.cdiv(F, _TILE["BLOCK_N"]))
+    grid = (token_blocks, F // D * triton.cdiv(D, config["BLOCK_N"]))
     torch.library.wrap_triton(boom_bwd_dz_kernel)[grid](
         x, weight, weight if bias is None else bias, x if seed is None else seed, dy, dz, db_partial,
         N, D, F, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         dy.stride(0), dy.stride(1), threshold, scale,
-        HAS_BIAS=bias is not None, DROPOUT=seed is not None, **_tile_arguments(x.dtype))
+        HAS_BIAS=bias is not None, DROPOUT=seed is not None, **config)
     dx = torch.matmul(dz, weight)  # [N, d]
     dweight = torch.matmul(dz.t(), x)  # [F, d]
     dbias = db_partial.sum(0).to(weight.dtype if bias is None else bias.dtype)  # [F]
