@@ -12,11 +12,12 @@ what ran and why.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -48,10 +49,19 @@ class Implementation:
 
     ``run`` takes the op's arguments; ``why_not`` takes the same arguments and returns ``None`` when
     ``run`` can handle them, else a sentence saying why not and how to fix it.
+    ``double_backward`` says whether the gradients ``run`` produces are themselves differentiable
+    (exactly, to the dtype's tolerance) for these arguments: a bool, or a function of the op's
+    arguments. Where it is False, :func:`run` makes a higher-order gradient raise instead of
+    silently returning a wrong value.
     """
 
     run: Callable
     why_not: Callable[..., Optional[str]] = _never_unsupported
+    double_backward: Union[bool, Callable[..., bool]] = False
+
+    def supports_double_backward(self, *args, **kwargs) -> bool:
+        flag = self.double_backward
+        return bool(flag(*args, **kwargs) if callable(flag) else flag)
 
 
 class LazyImplementation:
@@ -88,6 +98,10 @@ class LazyImplementation:
         if impl is None:
             raise BackendUnavailableError(self._error)
         return impl.run(*args, **kwargs)
+
+    def supports_double_backward(self, *args, **kwargs) -> bool:
+        """Never imports: a module not loaded yet has not run, and says nothing here."""
+        return self._loaded is not None and self._loaded.supports_double_backward(*args, **kwargs)
 
 
 TRITON_HINT = ("the triton backend needs `pip install triton` (CUDA GPUs; CPU only under "
@@ -136,8 +150,9 @@ def _missing(op: str, name: str) -> str:
 
 
 def choose(op: str, requested: Optional[str], implementations: Mapping[str, Implementation],
-           device: torch.device, *args, **kwargs) -> Implementation:
-    """Pick the implementation of ``op`` for these arguments (``*args, **kwargs`` are the op's)."""
+           device: torch.device, *args, **kwargs) -> tuple[str, Implementation]:
+    """Pick the implementation of ``op`` for these arguments (``*args, **kwargs`` are the op's).
+    Returns its backend name and the implementation."""
     name = get_backend() if requested is None else validate_backend(requested)
     if name != "auto":
         impl = implementations.get(name)
@@ -145,7 +160,7 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} cannot run {op}: {reason}")
         _record(op, name, f"requested explicitly, on {device.type}")
-        return impl
+        return name, impl
 
     skipped = []
     preference = _AUTO_PREFERENCE.get(op, {}).get(device.type, _DEFAULT_PREFERENCE)
@@ -155,9 +170,50 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
         if reason is None:
             why = f"auto on {device.type}" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
             _record(op, candidate, why)
-            return impl
+            return candidate, impl
         skipped.append(f"{candidate} ({reason})")
     raise BackendUnavailableError(f"no backend can run {op} on {device.type}: {'; '.join(skipped)}")
+
+
+def run(op: str, requested: Optional[str], implementations: Mapping[str, Implementation],
+        device: torch.device, *args):
+    """Choose the implementation of ``op`` (see :func:`choose`) and run it on ``args``.
+
+    If autograd records the call and the chosen implementation's gradients are not differentiable
+    for these arguments, every output gets a hook that raises, naming the op, the backend and the
+    backends that can, as soon as a backward builds a graph of itself (``create_graph=True``, the
+    first step of any higher-order gradient). The hook sits on the outputs, so no path to a second
+    derivative can go around it.
+    """
+    name, impl = choose(op, requested, implementations, device, *args)
+    outputs = impl.run(*args)
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not impl.supports_double_backward(*args)):
+        tensors = [t for t in _flatten_tensors(outputs) if t.requires_grad]
+        if tensors:
+            able = [n for n, other in implementations.items() if other.supports_double_backward(*args)]
+            message = (f"ops.{op}: backend {name!r} computes first-order gradients only, and a "
+                       "higher-order gradient was asked for (a backward with create_graph=True, as "
+                       "for a gradient penalty or a Hessian-vector product). Backends that compute "
+                       f"it exactly for these inputs: {', '.join(map(repr, able))}; choose one with "
+                       f"backend=... on the op or the model")
+            for t in tensors:
+                t.register_hook(functools.partial(_refuse_graph_of_backward, message))
+    return outputs
+
+
+def _refuse_graph_of_backward(message: str, grad):
+    # The autograd engine runs a backward, hooks included, with grad mode on exactly when it was
+    # asked to build a graph of the backward (create_graph=True).
+    if torch.is_grad_enabled():
+        raise RuntimeError(message)
+    return grad
+
+
+def _flatten_tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _flatten_tensors(item)]
 
 
 def _record(op: str, name: str, why: str) -> None:

@@ -23,12 +23,30 @@ def _layer_norm(d: int) -> nn.LayerNorm:
     return nn.LayerNorm(d, eps=LN_EPS)
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Where the published code calls ``.float()`` (to leave autocast's reduced precision): widen
+    to float32, but never narrow float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _reject_keys_of_absent_child(module: nn.Module, child: str, state_dict, prefix: str,
+                                 error_msgs: list, fix: str) -> None:
+    """torch's loader treats a child set to None as absent and drops its keys without a word, even
+    with strict=True; a checkpoint that has weights for it comes from another architecture."""
+    if getattr(module, child) is not None:
+        return
+    keys = sorted(k for k in state_dict if k.startswith(f"{prefix}{child}."))
+    if keys:
+        error_msgs.append(f"the checkpoint has weights for {prefix}{child} ({', '.join(keys[:3])}"
+                          f"{', ...' if len(keys) > 3 else ''}), which this model does not have; {fix}")
+
+
 class Overparam(nn.Module):
     """The value gate's over-parameterisation: [c, f] = l1(z); sigmoid(f) * tanh(c)."""
 
-    def __init__(self, nhid: int):
+    def __init__(self, nhid: int, device=None, dtype=None):
         super().__init__()
-        self.l1 = nn.Linear(nhid, 2 * nhid)
+        self.l1 = nn.Linear(nhid, 2 * nhid, device=device, dtype=dtype)
         self.nhid = nhid
 
     def forward(self, z):
@@ -70,9 +88,39 @@ class Attention(nn.Module):
     def value_gate(self):
         return self.vs if self.vq_collapsed else self.vq(torch.sigmoid(self.vs))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Take the checkpoint's form of the value gate, so the loaded block computes what the
+        checkpoint's block computed. Its keys say which form it is: ``vq.l1.*`` present means
+        uncollapsed (``vs`` is the raw parameter); ``vs`` without them means collapsed (``vs`` is
+        the gate itself). torch alone would drop ``vq.*`` into a collapsed block's ``vq = None``
+        without a word, or read a collapsed ``vs`` as a raw one, and change the outputs."""
+        vq_keys = [f"{prefix}vq.l1.weight", f"{prefix}vq.l1.bias"]
+        present = [k in state_dict for k in vq_keys]
+        if any(present) and not all(present):
+            error_msgs.append(f"the checkpoint has {vq_keys[present.index(True)]} but not "
+                              f"{vq_keys[present.index(False)]}: the value gate's Overparam layer is "
+                              "incomplete, so the checkpoint is damaged")
+        elif all(present) and self.vq_collapsed:
+            warnings.warn(f"{prefix[:-1]}: the checkpoint's value gate is not collapsed, so this block "
+                          "is un-collapsed to load it (call vq_collapse() again afterwards for "
+                          "inference)", stacklevel=4)
+            # Weights without an initialisation: the load fills them, and no random number is drawn.
+            self.vq = nn.utils.skip_init(Overparam, self.nhid, device=self.vs.device,
+                                         dtype=self.vs.dtype)
+            self.vq_collapsed = False
+        elif not any(present) and f"{prefix}vs" in state_dict and not self.vq_collapsed:
+            warnings.warn(f"{prefix[:-1]}: the checkpoint comes from a block after vq_collapse() (it "
+                          "has vs but no vq.l1.*), so this block is collapsed to load it: its vq "
+                          "parameters are gone", stacklevel=4)
+            self.vq = None
+            self.vq_collapsed = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def forward(self, query, key, value, backend: Optional[str] = None):
-        # The query's LayerNorm runs in float32, as published (it matters under autocast).
-        query = self.qln(self.q(query).float())
+        # The query's LayerNorm runs in at least float32, as published (it matters under autocast).
+        query = self.qln(_at_least_float32(self.q(query)))
         q = torch.sigmoid(self.qs) * query
         k = torch.sigmoid(self.ks) * key
         v = self.value_gate() * value
@@ -148,7 +196,7 @@ class Block(nn.Module):
         always None (no backend materialises the attention weights).
         """
         x, new_hidden = self.rnn(self.lnstart(h), hidden, backend=backend)
-        h = self.drop(x).float()  # no residual around the LSTM, as published
+        h = _at_least_float32(self.drop(x))  # no residual around the LSTM, as published
 
         new_mem = []
         if self.attn is not None:
@@ -160,6 +208,13 @@ class Block(nn.Module):
 
         h = self.lnff(h) + self.drop(self.ff(self.lnxff(h), backend=backend))
         return h, new_mem, new_hidden, None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        _reject_keys_of_absent_child(self, "attn", state_dict, prefix, error_msgs,
+                                     "build the model with attn_layers= naming this block")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 def _resolve_attn_layers(attn_layers, nlayers: int) -> list[bool]:
@@ -185,6 +240,25 @@ class SHARNN(nn.Module):
     ``rnn_type``, ``dropoute`` and ``wdrop`` are accepted and ignored, as published. Keyword-only
     extensions: ``attn_layers`` (``None``: the second-to-last block, as published; ``"all"``; or a
     sequence of block indices) and ``backend`` (``None`` follows :func:`sharnn_fast.set_backend`).
+
+    Dtypes: float32 (the published numerics), float64 (``model.double()``: every backend that
+    accepts float64 keeps it; "reference" and "torch" do) and bf16/fp16 under ``torch.autocast``.
+    Where the published code calls ``.float()`` this model widens to at least float32 and never
+    narrows float64.
+
+    Dropout streams: with dropout in training, "reference" draws every mask through
+    ``nn.Dropout``/``F.dropout`` in the published order, so with the same seed it repeats the
+    published model's training run. The other backends draw the Boom and attention-weight masks
+    their own way ("torch": 16 random bits per element of the Boom; "triton": Philox from a seed
+    taken from torch's generator), so their masks differ from the published ones for the same seed:
+    each element is still kept independently with probability 1 - p (to 2**-16 or better) and
+    scaled by 1 / (1 - p), so the masks are statistically equivalent, not equal.
+
+    Loading checkpoints: ``load_state_dict`` takes the checkpoint's form of each attention block's
+    value gate, collapsed (no ``vq.l1.*`` keys) or not, so the loaded model computes what the
+    checkpoint's model computed (with a warning when the block changes form). Weights for blocks
+    this model has no attention in, or differing encoder and decoder matrices for a model with
+    ``tie_weights=True``, raise an error (even with ``strict=False``) instead of being dropped.
     """
 
     def __init__(self, rnn_type, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout=0.5,
@@ -234,6 +308,19 @@ class SHARNN(nn.Module):
             module.weight.data.normal_(mean=0.0, std=0.1 / math.sqrt(self.ninp))
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # With tie_weights=True both keys load into one Parameter and the last one wins: a
+        # checkpoint whose two matrices differ cannot be reproduced by this model.
+        enc, dec = state_dict.get(f"{prefix}encoder.weight"), state_dict.get(f"{prefix}decoder.weight")
+        if (self.decoder.weight is self.encoder.weight and enc is not None and dec is not None
+                and not torch.equal(enc, dec)):
+            error_msgs.append("this model ties decoder.weight to encoder.weight (tie_weights=True), but "
+                              "the checkpoint's two matrices differ; build the model with "
+                              "tie_weights=False to load it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def vq_collapse(self) -> None:
         """Collapse the value gate of every attention block (see :meth:`Attention.vq_collapse`)."""

@@ -7,15 +7,9 @@ from typing import Optional
 
 import torch
 
+from ._dtypes import compute_dtype  # noqa: F401  (the kernels import it from here)
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a kernel runs in: under autocast for x's device, the autocast dtype (as for the
-    GEMMs around it; float64 stays float64, as autocast leaves it), else x's own."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def interpreted(kernel) -> bool:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from ... import backend as _backend
 from .._checks import check_dropout, check_float_tensor, check_same_device, check_same_dtype
+from .._dtypes import cast_outputs, compute_dtype
 from .reference import attention_reference
 from .torch_native import attention_torch
 
 IMPLEMENTATIONS = {
-    "reference": _backend.Implementation(attention_reference),
+    "reference": _backend.Implementation(attention_reference, double_backward=True),
+    # SDPA's fused kernels (flash, memory-efficient, and the CPU flash kernel) have no double backward.
     "torch": _backend.Implementation(attention_torch),
     "triton": _backend.LazyImplementation(__name__ + ".triton", _backend.TRITON_HINT),
 }
@@ -24,7 +26,15 @@ def attention(q, k, v, *, dropout_p=0.0, training=False, backend=None):
         backend: ``"reference"``, ``"torch"``, ``"auto"``, ... or ``None`` for the process default.
 
     Returns:
-        [Tq, B, dv].
+        [Tq, B, dv], in the compute dtype: the autocast dtype under autocast (float64 stays
+        float64), else the inputs' dtype. Every backend returns the same dtype; the reference
+        computes scores and softmax in at least float32. Gradients come back in each input's dtype.
+
+    Raises:
+        TypeError / ValueError: a bad argument (named in the message).
+        BackendUnavailableError: an explicitly requested backend cannot run these inputs.
+        RuntimeError: in a higher-order gradient (``create_graph=True``) through a backend whose
+            backward is not differentiable ("torch", "triton"); "reference" supports it.
     """
     check_float_tensor("q", q, ndim=3)
     Tq, B, d = q.shape
@@ -38,6 +48,5 @@ def attention(q, k, v, *, dropout_p=0.0, training=False, backend=None):
     dropout_p = check_dropout(dropout_p)
     device = check_same_device(q=q, k=k, v=v)
     check_same_dtype(device, q=q, k=k, v=v)
-    impl = _backend.choose("attention", backend, IMPLEMENTATIONS, device,
-                           q, k, v, dropout_p, training)
-    return impl.run(q, k, v, dropout_p, training)
+    y = _backend.run("attention", backend, IMPLEMENTATIONS, device, q, k, v, dropout_p, training)
+    return cast_outputs(y, compute_dtype(q))

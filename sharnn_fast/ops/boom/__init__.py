@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from ... import backend as _backend
 from .._checks import check_dropout, check_float_tensor, check_same_device, check_same_dtype
+from .._dtypes import cast_outputs, compute_dtype
 from .reference import boom_reference
 from .torch_native import boom_torch
 
 IMPLEMENTATIONS = {
-    "reference": _backend.Implementation(boom_reference),
-    "torch": _backend.Implementation(boom_torch),
+    "reference": _backend.Implementation(boom_reference, double_backward=True),
+    "torch": _backend.Implementation(boom_torch, double_backward=True),
     "triton": _backend.LazyImplementation(__name__ + ".triton", _backend.TRITON_HINT),
 }
 
@@ -22,7 +23,15 @@ def boom(x, weight, bias, *, dropout_p=0.0, training=False, backend=None):
         backend: ``"reference"``, ``"torch"``, ``"auto"``, ... or ``None`` for the process default.
 
     Returns:
-        [..., d].
+        [..., d], in the compute dtype: the autocast dtype under autocast (float64 stays float64),
+        else the inputs' dtype. Every backend returns the same dtype; the reference computes in at
+        least float32 internally. Gradients come back in each input's own dtype.
+
+    Raises:
+        TypeError / ValueError: a bad argument (named in the message).
+        BackendUnavailableError: an explicitly requested backend cannot run these inputs.
+        RuntimeError: in a higher-order gradient (``create_graph=True``) through a backend whose
+            backward is not differentiable ("triton"); "reference" and "torch" support it.
     """
     check_float_tensor("x", x)
     if x.dim() == 0 or x.numel() == 0:
@@ -38,6 +47,5 @@ def boom(x, weight, bias, *, dropout_p=0.0, training=False, backend=None):
     dropout_p = check_dropout(dropout_p)
     device = check_same_device(x=x, weight=weight, bias=bias)
     check_same_dtype(device, x=x, weight=weight, bias=bias)
-    impl = _backend.choose("boom", backend, IMPLEMENTATIONS, device,
-                           x, weight, bias, dropout_p, training)
-    return impl.run(x, weight, bias, dropout_p, training)
+    y = _backend.run("boom", backend, IMPLEMENTATIONS, device, x, weight, bias, dropout_p, training)
+    return cast_outputs(y, compute_dtype(x))

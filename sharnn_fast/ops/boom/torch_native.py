@@ -2,15 +2,29 @@
 
 Autograd on the eager expression would keep several [N, F] tensors alive for backward (z, the
 sigmoid, the product, the dropout mask); this node keeps only z (and the mask when training with
-dropout) and recomputes the sigmoid in backward. Elementwise math runs in float32.
+dropout) and recomputes the sigmoid in backward. Elementwise math runs in at least float32
+(float64 inputs stay float64).
+
+Higher-order gradients are exact: when a graph of the backward is being built
+(``create_graph=True``), the backward runs as ordinary differentiable operations on the saved z, so
+autograd differentiates it again; otherwise it runs in place, allocating as little as possible.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+from .._dtypes import math_dtype
 
 _GELU_SCALE = 1.702
+
+
+def _gelu_grad(z, in_place: bool):
+    """d/dz [z s(1.702 z)] = s + 1.702 z s (1 - s), with s = sigmoid(1.702 z)."""
+    s = torch.sigmoid(_GELU_SCALE * z)
+    if in_place:
+        return (1.0 - s).mul_(z).mul_(_GELU_SCALE).add_(1.0).mul_(s)
+    return s * (1.0 + _GELU_SCALE * z * (1.0 - s))
 
 
 class GeluChunkSum(torch.autograd.Function):
@@ -18,7 +32,7 @@ class GeluChunkSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, d: int, keep, scale: float):
-        zf = z.float()
+        zf = z.to(math_dtype(z.dtype))
         a = zf * torch.sigmoid(_GELU_SCALE * zf)  # [..., F]
         if keep is not None:
             a.mul_(keep).mul_(scale)
@@ -27,18 +41,19 @@ class GeluChunkSum(torch.autograd.Function):
         return a.unflatten(-1, (-1, d)).sum(-2).to(z.dtype)  # [..., d]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         z, keep = ctx.saved_tensors
-        zf = z.float()
-        s = torch.sigmoid(_GELU_SCALE * zf)
-        # d/dz [z s(1.702 z)] = s + 1.702 z s (1 - s)
-        dz = (1.0 - s).mul_(zf).mul_(_GELU_SCALE).add_(1.0).mul_(s)  # [..., F]
+        # Grad mode is on here exactly when the caller asked for create_graph=True.
+        in_place = not torch.is_grad_enabled()
+        zf = z.to(math_dtype(z.dtype))
+        dz = _gelu_grad(zf, in_place)  # [..., F]
         if keep is not None:
-            dz.mul_(keep).mul_(ctx.scale)
+            dz = dz.mul_(keep).mul_(ctx.scale) if in_place else dz * keep * ctx.scale
         # Every chunk of a receives the same upstream gradient.
-        dz = dz.unflatten(-1, (-1, ctx.d)).mul_(dy.float().unsqueeze(-2)).flatten(-2)
-        return dz.to(z.dtype), None, None, None
+        dy_chunks = dy.to(zf.dtype).unsqueeze(-2)  # [..., 1, d]
+        dz = dz.unflatten(-1, (-1, ctx.d))  # [..., F // d, d]
+        dz = dz.mul_(dy_chunks) if in_place else dz * dy_chunks
+        return dz.flatten(-2).to(z.dtype), None, None, None
 
 
 def keep_mask(like, dropout_p: float):

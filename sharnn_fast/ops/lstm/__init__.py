@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from ... import backend as _backend
 from .._checks import check_float_tensor, check_same_device, check_same_dtype
+from .._dtypes import cast_outputs, compute_dtype
+from . import torch_native
 from .reference import lstm_reference
-from .torch_native import lstm_torch
 
 IMPLEMENTATIONS = {
-    "reference": _backend.Implementation(lstm_reference),
-    "torch": _backend.Implementation(lstm_torch),
+    "reference": _backend.Implementation(lstm_reference, double_backward=True),
+    "torch": _backend.Implementation(torch_native.lstm_torch, why_not=torch_native.why_not,
+                                     double_backward=torch_native.twice_differentiable),
     "triton": _backend.LazyImplementation(__name__ + ".triton", _backend.TRITON_HINT),
     "cuda": _backend.LazyImplementation(__name__ + ".cuda", _backend.CUDA_HINT),
 }
@@ -25,8 +27,20 @@ def lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None, *, backend=None):
         backend: ``"reference"``, ``"torch"``, ``"auto"``, ... or ``None`` for the process default.
 
     Returns:
-        ``(y, (h_n, c_n))``: y [T, B, H], h_n and c_n [1, B, H]. NaN in any input propagates to the
-        outputs; it is not checked for, since that would synchronise with the device.
+        ``(y, (h_n, c_n))``: y [T, B, H], h_n and c_n [1, B, H], all three in the compute dtype: the
+        autocast dtype under autocast (float64 stays float64), else the inputs' dtype, whatever the
+        backend (as nn.LSTM under autocast). The reference computes the gates, the cell update and
+        the carried state in at least float32. Gradients come back in each input's own dtype. NaN
+        in any input propagates to the outputs; it is not checked for, since that would
+        synchronise with the device.
+
+    Raises:
+        TypeError / ValueError: a bad argument (named in the message).
+        BackendUnavailableError: an explicitly requested backend cannot run these inputs (e.g.
+            "torch" in a reduced precision that this CPU's oneDNN cannot run).
+        RuntimeError: in a higher-order gradient (``create_graph=True``) through a backend whose
+            backward is not differentiable ("triton", "cuda", and "torch" except on CPU in
+            float32/float64); "reference" supports it everywhere.
     """
     check_float_tensor("x", x, ndim=3)
     T, B, I = x.shape
@@ -48,6 +62,6 @@ def lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None, *, backend=None):
                                bias_hh=bias_hh, h0=h0, c0=c0)
     check_same_dtype(device, x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                      bias_hh=bias_hh, h0=h0, c0=c0)
-    impl = _backend.choose("lstm", backend, IMPLEMENTATIONS, device,
-                           x, weight_ih, weight_hh, bias_ih, bias_hh, hx)
-    return impl.run(x, weight_ih, weight_hh, bias_ih, bias_hh, hx)
+    out = _backend.run("lstm", backend, IMPLEMENTATIONS, device,
+                       x, weight_ih, weight_hh, bias_ih, bias_hh, hx)
+    return cast_outputs(out, compute_dtype(x))
