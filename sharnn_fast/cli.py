@@ -1,0 +1,214 @@
+"""The ``sharnn`` command (also ``python -m sharnn_fast``): prepare, train, eval, plot.
+
+This layer only parses arguments, calls :mod:`sharnn_fast.training` and prints. Bad input gets one
+line on stderr and exit status 2, never a traceback (set SHARNN_DEBUG=1 to see one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  sharnn train                                  # the tiny preset on the embedded corpus (CPU)
+  sharnn prepare enwik8.zip data/enwik8         # the paper's 90M/5M/5M split
+  sharnn train --data data/enwik8 --preset paper --save runs/paper
+  torchrun --standalone --nproc_per_node 8 -m sharnn_fast train --data data/enwik8 --preset paper
+  sharnn train --resume runs/paper/last.pt      # continue exactly where it stopped
+  sharnn eval --checkpoint runs/paper/best.pt --split test --batch-size 1 --json
+  sharnn plot runs/paper
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) that point at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .training.config import PRESETS
+
+    S = argparse.SUPPRESS  # only flags given on the command line override the preset or checkpoint
+    run = p.add_argument_group("run")
+    run.add_argument("--data", default=S, help="a folder written by `sharnn prepare`, or any file (split "
+                     "90/5/5 on the fly; enwik8 by the paper's rule). Default: the embedded corpus")
+    run.add_argument("--preset", default=None, metavar="NAME",
+                     help=f"one of {', '.join(PRESETS)} (default: tiny on a CPU, paper on a GPU)")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", dest="max_steps", type=int, default=S, metavar="N",
+                        help="stop after N optimizer steps in all (counting resumed ones)")
+    length.add_argument("--epochs", type=int, default=S, metavar="E", help="stop after E epochs in all")
+    run.add_argument("--save", default=None, metavar="DIR", help="where last.pt, best.pt and metrics.jsonl go "
+                     "(default: the resumed checkpoint's folder, else sharnn-runs/PRESET-TIME)")
+    run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint")
+    run.add_argument("--seed", type=int, default=S)
+    run.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
+                     help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; fp16 uses a GradScaler)")
+    run.add_argument("--backend", default=S, help="kernel backend: reference, torch, triton, cuda or auto")
+    run.add_argument("--compile", action="store_true", default=S, help="torch.compile the model and loss")
+
+    hp = p.add_argument_group("hyperparameters (published main.py names)")
+    for flag, kind, text in (
+            ("--emsize", _positive_int, "embedding width d"), ("--nhid", _positive_int, "Boom width"),
+            ("--nlayers", _positive_int, "blocks"), ("--bptt", _positive_int, "sequence length in bytes"),
+            ("--batch_size", _positive_int, "columns per process (global batch = this x processes)"),
+            ("--lr", float, "peak learning rate"), ("--warmup", int, "linear warmup steps"),
+            ("--clip", float, "gradient norm clip (0: off)"), ("--dropout", float, "after the last block"),
+            ("--dropouth", float, "inside the blocks"), ("--dropouti", float, "on the embedding"),
+            ("--wdecay", float, "weight decay")):
+        hp.add_argument(flag, type=kind, default=S, help=text)
+    hp.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=S, help=argparse.SUPPRESS)
+    hp.add_argument("--optimizer", default=S, choices=("lamb", "adamw", "sgd"),
+                    help="lamb (minimum trust ratio 0.25, the paper's), adamw or sgd")
+    hp.add_argument("--attn-layers", dest="attn_layers", default=S, metavar="all|I,J",
+                    help="blocks with attention (default: the second-to-last, as published)")
+    hp.add_argument("--schedule", default=S, choices=("constant", "cosine"),
+                    help="after warmup: constant (published) or cosine to 0 at --max-steps")
+    hp.add_argument("--when", type=int, nargs="+", default=S, metavar="EPOCH",
+                    help="divide the lr by 10 after these epochs (published --when)")
+    hp.add_argument("--accumulate", type=_positive_int, default=S, metavar="K",
+                    help="gradient accumulation: K micro-batches of batch_size / K columns per step")
+    hp.add_argument("--split", default=S, metavar="TRAIN,VALID,TEST",
+                    help="fractions for a plain --data file (default 0.9,0.05,0.05)")
+    hp.add_argument("--log-interval", dest="log_interval", type=_positive_int, default=S, metavar="N")
+    hp.add_argument("--eval-interval", dest="eval_interval", type=_positive_int, default=S, metavar="N",
+                    help="evaluate on valid and save every N steps")
+    hp.add_argument("--eval-batch-size", dest="eval_batch_size", type=_positive_int, default=S, metavar="N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sharnn", description="Train and evaluate SHA-RNN byte-level language models "
+                     "(Merity 2019) with sharnn_fast.", epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("prepare", help="split a corpus into train/valid/test byte files",
+                            description="Write train.bin, valid.bin, test.bin and meta.json. enwik8 (by name "
+                            "or size) gets the paper's split: first 90M bytes train, next 5M valid, last "
+                            "5M test. Nothing is downloaded: enwik8.zip is at "
+                            "http://mattmahoney.net/dc/enwik8.zip")
+    p.add_argument("source", help="enwik8, enwik8.zip, any text file, or a folder of text files")
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",
+                   help="fractions for sources other than enwik8 (default 0.9,0.05,0.05)")
+
+    p = commands.add_parser("train", help="train (the paper's recipe; presets tiny, paper, paper-all-attn)",
+                            description="Train a SHA-RNN on bytes. Without --data: the embedded corpus (the "
+                            "Python standard library's docstrings, built offline). Flags given override "
+                            "the preset, or the checkpoint with --resume.")
+    _add_train_arguments(p)
+
+    p = commands.add_parser("eval", help="bits per byte of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
+    p.add_argument("--split", default="valid", choices=("valid", "test", "train"))
+    p.add_argument("--batch-size", type=_positive_int, default=10,
+                   help="columns (default 10; 1 gives every byte the longest context)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, ...)")
+
+    p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)")
+    p.add_argument("run_dir", help="a --save folder holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="image path (default RUN_DIR/curves.png)")
+    return parser
+
+
+def _train(args) -> int:
+    from .training import train
+    from .training.config import parse_attn_layers
+    from .training.data import parse_split
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("command", "preset", "save", "resume")}
+    if "attn_layers" in overrides:
+        overrides["attn_layers"] = parse_attn_layers(overrides["attn_layers"])
+    if "split" in overrides:
+        overrides["split"] = parse_split(overrides["split"])
+    if "when" in overrides:
+        overrides["when"] = tuple(overrides["when"])
+    if "data" in overrides:
+        overrides["data"] = str(Path(overrides["data"]).resolve())
+    summary = train(args.preset, overrides, save_dir=args.save, resume_path=args.resume)
+    return summary["exit_code"]
+
+
+def _prepare(args) -> int:
+    from .training.data import parse_split, prepare
+
+    meta = prepare(args.source, args.out_dir, parse_split(args.split) if args.split else None)
+    for name, entry in meta["splits"].items():
+        print(f"{name:5s} {entry['bytes']:>12,} bytes  {Path(args.out_dir) / entry['file']}  sha256 {entry['sha256'][:16]}...")
+    print(f"split: {meta['split_rule']}\nwrote {Path(args.out_dir) / 'meta.json'}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .training.loop import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
+                                 device=args.device, precision=args.precision)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['split']}: {result['bpc']:.4f} bpc ({result['loss']:.4f} nats per byte) over "
+              f"{result['tokens']:,} bytes; {result['checkpoint']} (step {result['step']:,}); {result['data']}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .training.report import plot_metrics
+
+    print(f"wrote {plot_metrics(args.run_dir, args.out)}")
+    return 0
+
+
+COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "plot": _plot}
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``sharnn`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    prog = f"sharnn {args.command}"
+    from .backend import BackendUnavailableError
+    from .training.errors import UserInputError
+    from .training.loop import TrainingDiverged
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UserInputError, BackendUnavailableError) as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"{prog}: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: still one line, the traceback on request
+        if os.environ.get("SHARNN_DEBUG"):
+            raise
+        print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)} (set SHARNN_DEBUG=1 for "
+              f"the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__

@@ -1,0 +1,18 @@
+"""Training, evaluation and data preparation: what ``sharnn train``, ``sharnn eval`` and
+``sharnn prepare`` run (the SHA-RNN paper's enwik8 recipe).
+
+- :mod:`.data`: prepare splits, the embedded default corpus, memory-mapped batches.
+- :mod:`.optim`: LAMB (minimum trust ratio), AdamW, SGD, the learning-rate schedule.
+- :mod:`.loop`: the training loop and bits-per-byte evaluation.
+- :mod:`.checkpoint`: the checkpoint format, atomic saves, ``load_checkpoint``.
+- :mod:`.distributed`: torchrun / DDP glue.
+"""
+from .checkpoint import load_checkpoint, read_checkpoint
+from .config import PRESETS, TrainConfig
+from .data import load_corpus, prepare
+from .errors import UserInputError
+from .loop import TrainingDiverged, evaluate, train
+from .optim import Lamb
+
+__all__ = ["train", "evaluate", "prepare", "load_corpus", "load_checkpoint", "read_checkpoint", "Lamb",
+           "TrainConfig", "PRESETS", "UserInputError", "TrainingDiverged"]

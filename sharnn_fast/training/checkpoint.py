@@ -1,0 +1,110 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` (no pickled code).
+
+Format (version 1): one ``torch.save`` of a dict holding only tensors and plain Python values
+(dict, list, tuple, str, int, float, bool, None), so it loads with ``weights_only=True``:
+
+- ``format``: ``"sharnn_fast.checkpoint"``; ``version``: 1.
+- ``config``: :class:`~sharnn_fast.training.config.TrainConfig` as a dict. Its architecture keys
+  (``ntoken`` = 256 bytes, ``emsize``, ``nhid``, ``nlayers``, ``attn_layers``: None for the
+  published second-to-last block, ``"all"``, or a tuple of block indices) and dropouts rebuild the
+  model: ``SHARNN("LSTM", ntoken, emsize, nhid, nlayers, dropout, dropouth, dropouti,
+  attn_layers=...)``.
+- ``model``: the SHARNN ``state_dict`` (the published model's parameter names and shapes; the
+  parameters' dtype, float32 unless trained otherwise).
+- ``optimizer``: the optimizer's ``state_dict`` (LAMB: ``exp_avg``, ``exp_avg_sq`` per parameter).
+- ``scaler``: the fp16 GradScaler's ``state_dict``, or None.
+- ``progress``: ``step`` (optimizer steps done), ``epoch`` (finished epochs), ``position`` (byte
+  offset in each training column where the next segment starts), ``tokens`` (tokens trained on,
+  all ranks), ``elapsed_s``, ``best_valid_bpc`` and ``best_step`` (None before the first evaluation),
+  ``world_size`` and ``global_batch``.
+- ``rng``: ``torch_cpu`` [world_size, n] uint8 (each rank's CPU generator: dropout), ``cuda``
+  [world_size, n] uint8 or None, ``lengths`` uint8 (the generator of the random sequence lengths,
+  the same on every rank). Python's ``random`` and numpy are not used by training.
+- ``carry``: the hidden state and attention memories carried into the next segment, for the global
+  batch (all ranks, columns in order): ``hidden`` a list of (h, c) per block, each [1, G, emsize];
+  ``mems`` a list per block of [M, G, emsize] tensors (None for blocks without attention); or None
+  at the start of an epoch.
+
+``best.pt`` has the same layout. :func:`load_checkpoint` rebuilds the model for inference.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_open
+from .config import ARCHITECTURE_KEYS, TrainConfig, build_model
+from .errors import UserInputError
+
+FORMAT = "sharnn_fast.checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    """Write ``payload`` (the layout above, less ``format`` and ``version``) atomically to path."""
+    with atomic_open(path) as out:
+        torch.save(dict(format=FORMAT, version=VERSION, **payload), out)
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """The checkpoint dict at ``path`` (see the module docstring), loaded with weights_only=True.
+
+    Raises UserInputError: missing file; a truncated or corrupt file; a file that holds pickled
+    objects other than tensors and plain values, or that is not a sharnn_fast checkpoint (e.g. a
+    bare state_dict or a published whole-model pickle); a newer format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"{path} is not a sharnn_fast checkpoint: it holds pickled objects, which "
+                             f"are never loaded (weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"{path} is truncated or corrupt: {first}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        hint = " (it looks like a bare state_dict)" if isinstance(payload, dict) and payload and all(
+            torch.is_tensor(v) for v in payload.values()) else ""
+        raise UserInputError(f"{path} is not a sharnn_fast checkpoint{hint}")
+    if payload.get("version") != VERSION:
+        raise UserInputError(f"{path} has checkpoint format version {payload.get('version')!r}; this "
+                             f"sharnn_fast reads version {VERSION}: upgrade the package")
+    missing = [k for k in ("config", "model", "optimizer", "progress", "rng") if k not in payload]
+    if missing:
+        raise UserInputError(f"{path} is an incomplete checkpoint: no {', '.join(missing)}")
+    return payload
+
+
+def check_architecture(checkpoint_config: dict, config: TrainConfig, path) -> None:
+    """Raise UserInputError naming the first architecture field where the flags and the checkpoint differ."""
+    for key in ARCHITECTURE_KEYS:
+        theirs, ours = checkpoint_config.get(key), getattr(config, key)
+        if theirs != ours:
+            raise UserInputError(f"checkpoint {path} has {key}={theirs!r} but the flags ask for "
+                                 f"{key}={ours!r}: drop the flag or start a new run")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by ``sharnn train`` for inference: ``(model, config)``.
+
+    model: the :class:`~sharnn_fast.SHARNN` with the checkpoint's weights, in eval mode, on
+    ``map_location`` (default the CPU). config: the run's configuration as a plain dict
+    (architecture, data, hyperparameters; see :mod:`sharnn_fast.training.checkpoint`).
+    Loads with ``torch.load(weights_only=True)``: no pickled code is ever run.
+    Raises UserInputError (a ValueError) for a missing, truncated or foreign file.
+    """
+    payload = read_checkpoint(path, map_location="cpu")
+    config = TrainConfig.from_dict(payload["config"]).to_dict()
+    model = build_model(config)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise UserInputError(f"{path}: its weights do not fit the model its config describes "
+                             f"({str(err).splitlines()[0]})") from None
+    return model.to(map_location).eval(), config

@@ -1,0 +1,346 @@
+"""Byte-level corpora: preparing train/valid/test splits, the embedded default corpus, and
+memory-mapped byte streams cut into [T, B] batches.
+
+Every corpus is read as raw bytes (tokens 0..255), as enwik8 is in the paper. Splits on disk are
+memory-mapped (``torch.from_file``), and batches are views of them until the few bytes of one
+segment are copied to the device, so the corpus is never copied per batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from ._io import atomic_open
+from .errors import UserInputError
+
+SPLITS = ("train", "valid", "test")
+ENWIK8_BYTES = 100_000_000
+# The paper's enwik8 split (Merity 2019, and the Hutter prize convention before it).
+ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
+META_NAME = "meta.json"
+META_FORMAT = "sharnn_fast.prepared-bytes"
+CHUNK_BYTES = 1 << 20
+MIN_DEFAULT_CORPUS_BYTES = 200_000
+# Standard library modules whose import has side effects (opening a browser, printing, GUI
+# toolkits) or is slow; they are left out of the embedded corpus.
+SKIPPED_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3",
+                   "test", "ensurepip", "venv", "pydoc_data", "__main__", "__phello__", "xxsubtype"}
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """'0.9,0.05,0.05' (or '90/5/5') -> train, valid and test fractions summing to 1."""
+    parts = text.replace("/", ",").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise UserInputError(f"--split must be three positive numbers for train,valid,test such as "
+                             f"0.9,0.05,0.05 or 90/5/5, got {text!r}")
+    total = sum(values)
+    return tuple(v / total for v in values)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources: a file, a zip archive or a folder, read as one stream of bytes
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A corpus on disk: one or more byte streams read one after another."""
+    path: Path
+    parts: tuple  # (path or (zip path, member name), size in bytes) in reading order
+    size: int
+
+    def chunks(self) -> Iterator[bytes]:
+        for part, _ in self.parts:
+            with (zipfile.ZipFile(part[0]).open(part[1]) if isinstance(part, tuple)
+                  else open(part, "rb")) as handle:
+                while chunk := handle.read(CHUNK_BYTES):
+                    yield chunk
+
+    @property
+    def is_enwik8(self) -> bool:
+        named = self.path.name in ("enwik8", "enwik8.zip")
+        if named and self.size != ENWIK8_BYTES:
+            raise UserInputError(f"{self.path} is named like enwik8 but holds {self.size:,} bytes, "
+                                 f"not {ENWIK8_BYTES:,}: is it truncated?")
+        return named or self.size == ENWIK8_BYTES
+
+
+def _open_source(path) -> _Source:
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"data path {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        parts = tuple((p, p.stat().st_size) for p in files)
+    elif zipfile.is_zipfile(path) and path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            parts = tuple(((path, info.filename), info.file_size)
+                          for info in sorted(archive.infolist(), key=lambda i: i.filename)
+                          if not info.is_dir())
+    else:
+        parts = ((path, path.stat().st_size),)
+    size = sum(n for _, n in parts)
+    if size == 0:
+        raise UserInputError(f"data path {path} is empty" + (" (no files in the folder)" if not parts else ""))
+    return _Source(path, parts, size)
+
+
+def split_sizes(total: int, fractions: Optional[tuple] = None, enwik8: bool = False) -> tuple[int, int, int]:
+    """Bytes in train, valid and test: the paper's enwik8 split, else the fractions (default
+    90/5/5) rounded down, test taking the remainder."""
+    if enwik8 and fractions is None:
+        return ENWIK8_SPLIT
+    fractions = fractions or DEFAULT_FRACTIONS
+    train, valid = int(total * fractions[0]), int(total * fractions[1])
+    sizes = (train, valid, total - train - valid)
+    if min(sizes) <= 0:
+        raise UserInputError(f"a corpus of {total:,} bytes is too small to split into train, valid "
+                             f"and test by {fractions}")
+    return sizes
+
+
+def _split_rule(sizes, enwik8: bool, fractions) -> str:
+    if enwik8 and fractions is None:
+        return "enwik8 (the paper's split): first 90,000,000 bytes train, next 5,000,000 valid, last 5,000,000 test"
+    fractions = fractions or DEFAULT_FRACTIONS
+    return (f"in order: train {fractions[0]:g}, valid {fractions[1]:g}, test the rest "
+            f"({sizes[0]:,} / {sizes[1]:,} / {sizes[2]:,} bytes)")
+
+
+def prepare(source, out_dir, fractions: Optional[tuple] = None) -> dict:
+    """Write ``train.bin``, ``valid.bin`` and ``test.bin`` (raw bytes) and ``meta.json`` to out_dir.
+
+    source: the enwik8 file, enwik8.zip, any file, a .zip of files, or a folder of files (read in
+    sorted path order, hidden files left out). enwik8 (by name or by its size of 100,000,000 bytes)
+    gets the paper's split: first 90M bytes train, next 5M valid, last 5M test. Anything else is
+    split in order by ``fractions`` (train, valid, test; default 0.9, 0.05, 0.05).
+    Every file is written atomically; meta.json (sizes, sha256, split rule) is written last.
+    Returns the meta dict. Raises UserInputError for a missing, empty or too small source.
+    """
+    src = _open_source(source)
+    enwik8 = src.is_enwik8
+    sizes = split_sizes(src.size, fractions, enwik8)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"output {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    files, chunks, pending = {}, src.chunks(), b""
+    for name, size in zip(SPLITS, sizes):
+        digest, left = hashlib.sha256(), size
+        with atomic_open(out_dir / f"{name}.bin") as out:
+            while left:
+                if not pending:
+                    pending = next(chunks)
+                piece, pending = pending[:left], pending[left:]
+                out.write(piece)
+                digest.update(piece)
+                left -= len(piece)
+        files[name] = dict(file=f"{name}.bin", bytes=size, sha256=digest.hexdigest())
+    meta = dict(format=META_FORMAT, version=1, source=str(Path(source).resolve()), source_bytes=src.size,
+                split_rule=_split_rule(sizes, enwik8, fractions), splits=files)
+    with atomic_open(out_dir / META_NAME, "w") as out:
+        json.dump(meta, out, indent=1)
+        out.write("\n")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: memory-mapped splits
+
+
+@dataclass
+class Corpus:
+    """The three splits of a corpus, each a uint8 tensor [n] (memory-mapped where it is on disk)."""
+    splits: dict
+    description: str
+
+
+def _map_bytes(path: Path, size: int) -> torch.Tensor:
+    """A read-only view of the file's bytes, mapped, not read: uint8 [size]."""
+    # shared=False maps the file privately: pages are loaded on demand and nothing is written back.
+    return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+
+
+def load_corpus(path=None, fractions: Optional[tuple] = None) -> Corpus:
+    """The splits of ``path``: a folder written by :func:`prepare`, or any file split on the fly
+    (enwik8 by the paper's rule, anything else by ``fractions``, default 90/5/5). None means the
+    embedded default corpus (:func:`default_corpus_file`), split 90/5/5.
+
+    Raises UserInputError for a missing or empty path, a folder that was not prepared, or a
+    prepared folder whose files do not match its meta.json.
+    """
+    if path is None:
+        file = default_corpus_file()
+        description = f"the embedded default corpus ({_corpus_label()}, {file.stat().st_size:,} bytes)"
+        return _split_file(file, fractions, description)
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"data path {path} does not exist")
+    if path.is_dir():
+        return _load_prepared(path)
+    if zipfile.is_zipfile(path) and path.suffix == ".zip":
+        raise UserInputError(f"{path} is a zip archive: unpack it or run `sharnn prepare {path} DIR` "
+                             f"and train with --data DIR")
+    return _split_file(path, fractions, str(path))
+
+
+def _split_file(path: Path, fractions, description: str) -> Corpus:
+    src = _open_source(path)
+    enwik8 = src.is_enwik8
+    sizes = split_sizes(src.size, fractions, enwik8)
+    data = _map_bytes(path, src.size)
+    starts = (0, sizes[0], sizes[0] + sizes[1])
+    splits = {name: data.narrow(0, start, size) for name, start, size in zip(SPLITS, starts, sizes)}
+    return Corpus(splits, f"{description}, split {_split_rule(sizes, enwik8, fractions)}")
+
+
+def _load_prepared(folder: Path) -> Corpus:
+    meta_path = folder / META_NAME
+    if not meta_path.is_file():
+        raise UserInputError(f"{folder} is a folder without {META_NAME}: run `sharnn prepare SOURCE "
+                             f"{folder}` first, or pass a file to --data")
+    try:
+        meta = json.loads(meta_path.read_text())
+        entries = {name: meta["splits"][name] for name in SPLITS}
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserInputError(f"{meta_path} is not a meta.json written by `sharnn prepare` ({err})") from None
+    splits = {}
+    for name, entry in entries.items():
+        file = folder / entry["file"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != entry["bytes"]:
+            raise UserInputError(f"{file} should hold {entry['bytes']:,} bytes as {meta_path} says, "
+                                 f"but {'it is missing' if size is None else f'holds {size:,}'}: "
+                                 f"prepare the folder again")
+        if size == 0:
+            raise UserInputError(f"{file} is empty")
+        splits[name] = _map_bytes(file, size)
+    return Corpus(splits, f"{folder} ({meta.get('split_rule', 'prepared')})")
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded default corpus
+
+
+def stdlib_docstrings(max_bytes: int) -> bytes:
+    """Docstrings of the standard library's top-level modules and their public classes and
+    functions (English prose written by people), in sorted module order, de-duplicated, joined by
+    blank lines, at most ``max_bytes`` of UTF-8. Deterministic for a given Python installation."""
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names
+                   and not m.name.startswith("_") and m.name not in SKIPPED_MODULES)
+    seen, texts, size = set(), [], 0
+    for name in names:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # platform-specific or broken modules are simply left out
+            continue
+        members = [module] + [obj for attr, obj in sorted(vars(module).items())
+                              if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+                              and getattr(obj, "__module__", None) == name]
+        for obj in members:
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 80 and doc not in seen:
+                seen.add(doc)
+                texts.append(doc)
+                size += len(doc) + 2
+        if size >= max_bytes:
+            break
+    return "\n\n".join(texts).encode("utf-8")[:max_bytes]
+
+
+def _corpus_label() -> str:
+    return f"docstrings of the Python {sys.version_info.major}.{sys.version_info.minor} standard library"
+
+
+def cache_dir() -> Path:
+    """Where built files are kept: $SHARNN_FAST_CACHE, else $XDG_CACHE_HOME/sharnn_fast, else
+    ~/.cache/sharnn_fast."""
+    if os.environ.get("SHARNN_FAST_CACHE"):
+        return Path(os.environ["SHARNN_FAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sharnn_fast"
+
+
+def default_corpus_file(max_bytes: int = 4_000_000) -> Path:
+    """The embedded default corpus as a file of bytes: the standard library's docstrings (see
+    :func:`stdlib_docstrings`), built on this machine without a network on first use (a fraction
+    of a second) and kept in :func:`cache_dir`. Raises UserInputError if this Python has no
+    docstrings to give (started with -OO) or the cache folder cannot be written."""
+    v = sys.version_info
+    path = cache_dir() / f"stdlib-docstrings-py{v.major}.{v.minor}-{max_bytes}.bin"
+    if path.is_file() and path.stat().st_size >= MIN_DEFAULT_CORPUS_BYTES:
+        return path
+    text = stdlib_docstrings(max_bytes)
+    if len(text) < MIN_DEFAULT_CORPUS_BYTES:
+        raise UserInputError(f"the embedded corpus came out at {len(text):,} bytes, under "
+                             f"{MIN_DEFAULT_CORPUS_BYTES:,}: this Python has few docstrings (run "
+                             f"without -OO) - or pass --data FILE")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as out:
+            out.write(text)
+    except OSError as err:
+        raise UserInputError(f"cannot write the embedded corpus to {path} ({err.strerror}): set "
+                             f"SHARNN_FAST_CACHE to a writable folder") from None
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+
+
+class BatchStream:
+    """One split laid out as parallel streams, as the published batchify does: the bytes are cut
+    into ``batch_size * world_size`` equal columns (the remainder dropped), column j holding the
+    j-th contiguous stretch; rank r reads columns r * batch_size ... (r + 1) * batch_size - 1.
+
+    ``segment(position, seq_len)`` returns inputs x and targets y, each [T, B] torch.long on the
+    device, with T = min(seq_len, length - 1 - position) and y the next byte of x. Only those
+    (T + 1) * B bytes are copied; everything else stays a view of the (memory-mapped) split.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 split: str = "train", min_length: int = 2):
+        columns = batch_size * world_size
+        self.length = data.numel() // columns  # bytes per column
+        if self.length < min_length:
+            need = columns * min_length
+            raise UserInputError(f"the {split} split has {data.numel():,} bytes, too short for "
+                                 f"{columns} columns (batch size x ranks) of at least {min_length} "
+                                 f"bytes each (bptt + 1 when training): it needs at least {need:,} "
+                                 f"bytes; use a smaller batch size or bptt, or more data")
+        grid = data.narrow(0, 0, self.length * columns).view(columns, self.length)  # [columns, L] view
+        self.grid = grid.narrow(0, rank * batch_size, batch_size)  # [B, L] view: this rank's columns
+        self.batch_size = batch_size
+
+    @property
+    def predictions_per_column(self) -> int:
+        return self.length - 1
+
+    def segment(self, position: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = min(seq_len, self.length - 1 - position)
+        if seq_len < 1:
+            raise ValueError(f"position {position} is past the end of the stream ({self.length} bytes per column)")
+        block = self.grid.narrow(1, position, seq_len + 1)  # [B, T + 1] view
+        block = block.to(device=device, dtype=torch.long, non_blocking=True).t().contiguous()  # [T + 1, B]
+        return block[:-1], block[1:]

@@ -1,0 +1,92 @@
+"""torchrun / DistributedDataParallel glue.
+
+Started by ``torchrun`` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT),
+training runs one process per device: NCCL between GPUs, gloo between CPU processes. Several
+nodes use torchrun's own rendezvous (``--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT``);
+nothing here is specific to one node.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserInputError
+
+
+@dataclass
+class Context:
+    """This process's place in the run: rank among world_size processes, its device."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | None) -> Context:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1), else a single process.
+
+    device: None picks cuda:LOCAL_RANK when CUDA is available, else the CPU. Raises
+    UserInputError for a CUDA device on a machine without one.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserInputError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {device} asked for, but this machine's torch sees no CUDA GPU")
+        if device.index is None:
+            device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Context(rank, world_size, local_rank, device)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(module: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+    """DistributedDataParallel around module when there are several ranks. Parameters the model
+    never uses (the published checkpoint's qkvs, r_gate, lnout) stay out of the reduction and keep
+    grad None on every rank, as in a single process."""
+    if not ctx.enabled:
+        return module
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+
+def all_reduce(tensor: torch.Tensor, ctx: Context, op=None) -> torch.Tensor:
+    """Sum (or ``op``) over ranks, in place; a no-op in a single process. Returns tensor."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor, ctx: Context, dim: int) -> torch.Tensor:
+    """The tensors of all ranks (same shape on each) concatenated along dim, in rank order.
+    CPU tensors travel through the communication device (NCCL needs CUDA tensors)."""
+    if not ctx.enabled:
+        return tensor
+    source = tensor.to(ctx.device).contiguous()
+    parts = [torch.empty_like(source) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, source)
+    return torch.cat(parts, dim=dim).to(tensor.device)

@@ -1,0 +1,533 @@
+"""The training loop (the SHA-RNN paper's enwik8 recipe) and bits-per-byte evaluation.
+
+Recipe (Merity 2019, arXiv:1911.11423, and its published training script; see docs and
+shared/SPEC.md "Paper recipe"): LAMB with a minimum trust ratio of 0.25, linear warmup then a
+constant lr, gradient clipping at 0.25, random sequence lengths around bptt, hidden state and
+attention memory carried from segment to segment and detached, evaluation carrying state across
+the whole split. Additions: gradient accumulation, bf16/fp16 autocast, torch.compile, DDP, exact
+resume, signal-safe checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed
+from .checkpoint import check_architecture, read_checkpoint, save_checkpoint
+from .config import ARCHITECTURE_KEYS, TrainConfig, build_model, default_preset, preset_config, validate
+from .data import BatchStream, load_corpus
+from .errors import UserInputError
+from .optim import build_optimizer, learning_rate
+from .report import MetricsLog, Progress, bits_per_byte, summary_text
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+def make_config(preset: Optional[str], overrides: dict, resumed: Optional[dict] = None,
+                resume_path=None) -> TrainConfig:
+    """The run's configuration: a preset (default: "tiny" on a CPU, "paper" on a GPU), or the
+    resumed checkpoint's config, then every flag given explicitly (``overrides``). --max-steps
+    given alone drops the preset's epochs and --epochs alone its max steps. On resume, an
+    architecture flag (or preset) that differs from the checkpoint raises UserInputError."""
+    if resumed is None:
+        config = preset_config(preset or default_preset())
+    else:
+        config = TrainConfig.from_dict(resumed)
+        if preset is not None:
+            for key, value in preset_config(preset).to_dict().items():
+                if key in ARCHITECTURE_KEYS or key == "preset":
+                    setattr(config, key, value)
+    if "max_steps" in overrides and "epochs" not in overrides:
+        config.epochs = None
+    if "epochs" in overrides and "max_steps" not in overrides:
+        config.max_steps = None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    validate(config)
+    if resumed is not None:
+        check_architecture(resumed, config, resume_path)
+    return config
+
+
+def draw_sequence_length(bptt: int, generator: torch.Generator) -> int:
+    """The published random segment length: bptt with probability 0.95, else bptt / 2; then
+    Normal(that, std 5), rounded down, at least 5, at most bptt (shared/SPEC.md)."""
+    base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
+    return min(bptt, max(5, int(torch.normal(float(base), 5.0, (1,), generator=generator).item())))
+
+
+class NextByteLoss(nn.Module):
+    """The model, its decoder and the cross-entropy as one module, so that DDP and torch.compile
+    see the whole step. forward(x, y, hidden, mems): x, y [T, B] long -> (mean loss in nats,
+    new_hidden, new_mems)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, hidden=None, mems=None):
+        h, hidden, mems, _, _ = self.model(x, hidden=hidden, mems=mems)
+        logits = self.model.decoder(h)  # [T, B, V]
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        return loss, hidden, mems
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _detach(hidden, mems):
+    return ([(h.detach(), c.detach()) for h, c in hidden],
+            [m.detach() if torch.is_tensor(m) else [] for m in mems])
+
+
+@torch.no_grad()
+def evaluate(model, stream: BatchStream, *, bptt: int, precision: str = "fp32",
+             ctx: Optional[distributed.Context] = None) -> tuple[float, int]:
+    """Mean cross-entropy (nats per byte) of the next byte over a whole split, and the number of
+    bytes predicted (all ranks). Segments of ``bptt`` bytes, state (hidden and memory) carried
+    across the whole split as the published evaluate does, model in eval mode (no dropout).
+    Every column contributes its ``length - 1`` predictions. bpc = loss / ln 2."""
+    device = model.decoder.weight.device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    hidden = mems = None
+    try:
+        for position in range(0, stream.length - 1, bptt):
+            x, y = stream.segment(position, bptt, device)
+            with autocast_context(device, precision):
+                h, hidden, mems, _, _ = model(x, hidden=hidden, mems=mems)
+                logits = model.decoder(h)
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if ctx is not None and ctx.enabled:
+        summed = distributed.all_reduce(torch.stack([total, total.new_tensor(count)]), ctx)
+        total, count = summed[0], int(summed[1].item())
+    return total.item() / count, count
+
+
+class Trainer:
+    """One run: the model, optimizer, data streams and every piece of state that makes resume exact.
+
+    train_step() does one optimizer step; run() drives the steps, logging, evaluation, checkpoints
+    and stopping. See :mod:`sharnn_fast.training.checkpoint` for what a checkpoint holds.
+    """
+
+    def __init__(self, config: TrainConfig, ctx: distributed.Context, *, save_dir: Optional[Path],
+                 resume: Optional[dict] = None, progress: bool = True):
+        c = self.config = config
+        self.ctx, self.device = ctx, ctx.device
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.precision = c.precision or ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                                         else "fp32")
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise UserInputError("--precision fp16 needs a CUDA device (it trains with a GradScaler); "
+                                 "on a CPU use fp32 or bf16")
+
+        corpus = load_corpus(c.data, c.split)
+        self.data_description = corpus.description
+        self.train_stream = BatchStream(corpus.splits["train"], c.batch_size, rank=ctx.rank,
+                                        world_size=ctx.world_size, split="train", min_length=c.bptt + 1)
+        self.eval_streams = {split: BatchStream(corpus.splits[split], c.eval_batch_size, rank=ctx.rank,
+                                                world_size=ctx.world_size, split=split)
+                             for split in ("valid", "test")}
+
+        torch.manual_seed(c.seed)  # the same initial weights on every rank
+        self.model = build_model(c).to(self.device)
+        self.optimizer = build_optimizer(c.optimizer, self.model.parameters(), lr=c.lr, weight_decay=c.wdecay)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.lengths = torch.Generator().manual_seed(c.seed)  # identical on every rank
+        torch.manual_seed(c.seed + ctx.rank)  # dropout: each rank its own masks
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(c.seed + ctx.rank)
+
+        self.step = self.epoch = self.position = self.tokens = 0
+        self.elapsed_before = 0.0
+        self.best_valid_bpc: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.carry: Optional[list] = None  # per micro-batch: (hidden, mems), or None at an epoch start
+        self.pending: list = []  # (loss tensor, tokens) of the steps since the last flush
+        self.stop_signal = 0  # set by SIGINT/SIGTERM on this rank
+        self.stop_agreed = False  # every rank has seen a stop request (at a flush)
+        self.lr = 0.0
+        self._started = self._last_log_time = None
+        self.last_saved_step: Optional[int] = None
+        self.notices: list[str] = []
+        if resume is not None:
+            self._restore(resume)
+
+        self.loss_module = NextByteLoss(self.model)
+        self.ddp = distributed.wrap(self.loss_module, ctx)
+        self.forward = torch.compile(self.ddp) if c.compile else self.ddp
+        self.autocast = autocast_context(self.device, self.precision)
+        self.metrics = MetricsLog(self.save_dir, ctx.is_main, resume_step=self.step if resume else None) \
+            if self.save_dir is not None else None
+        self.progress = Progress(total=self.total_steps(), initial=self.step, enabled=ctx.is_main and progress)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def micro_batch(self) -> int:
+        return self.config.batch_size // self.config.accumulate
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.ctx.world_size
+
+    def steps_per_epoch_estimate(self) -> int:
+        mean_length = self.config.bptt * (0.95 + 0.05 * 0.5)
+        return max(1, math.ceil((self.train_stream.length - 1) / mean_length))
+
+    def total_steps(self) -> Optional[int]:
+        c = self.config
+        by_epochs = c.epochs * self.steps_per_epoch_estimate() if c.epochs is not None else None
+        candidates = [n for n in (c.max_steps, by_epochs) if n is not None]
+        return min(candidates) if candidates else None
+
+    def _carry_for_checkpoint(self):
+        """The carried state of the global batch (all ranks, columns in order), or None."""
+        if self.carry is None:
+            return None
+        blocks = range(len(self.carry[0][0]))
+
+        def columns(tensors):
+            return distributed.all_gather_cat(torch.cat(tensors, dim=1), self.ctx, dim=1)
+        hidden = [tuple(columns([part[0][i][j] for part in self.carry]) for j in range(2)) for i in blocks]
+        mems = [columns([part[1][i] for part in self.carry]) if torch.is_tensor(self.carry[0][1][i]) else None
+                for i in blocks]
+        return dict(hidden=hidden, mems=mems)
+
+    def _carry_from_checkpoint(self, carry):
+        def mine(t, k):  # rank's columns, then micro-batch k's share of them
+            start = self.ctx.rank * self.config.batch_size + k * self.micro_batch
+            return t.narrow(1, start, self.micro_batch).to(self.device)
+        return [([(mine(h, k), mine(c, k)) for h, c in carry["hidden"]],
+                 [mine(m, k) if m is not None else [] for m in carry["mems"]])
+                for k in range(self.config.accumulate)]
+
+    def checkpoint_payload(self) -> dict:
+        """Everything resume needs (collective: every rank must call it)."""
+        rng = dict(torch_cpu=distributed.all_gather_cat(torch.get_rng_state()[None], self.ctx, dim=0),
+                   cuda=(distributed.all_gather_cat(torch.cuda.get_rng_state(self.device)[None], self.ctx, dim=0)
+                         if self.device.type == "cuda" else None),
+                   lengths=self.lengths.get_state())
+        progress = dict(step=self.step, epoch=self.epoch, position=self.position, tokens=self.tokens,
+                        elapsed_s=self.elapsed(), best_valid_bpc=self.best_valid_bpc, best_step=self.best_step,
+                        world_size=self.ctx.world_size, global_batch=self.global_batch)
+        return dict(config=self.config.to_dict(), model=self.model.state_dict(),
+                    optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    progress=progress, rng=rng, carry=self._carry_for_checkpoint())
+
+    def _restore(self, payload: dict) -> None:
+        self.model.load_state_dict(payload["model"])
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise UserInputError(f"the checkpoint's optimizer state does not fit --optimizer "
+                                 f"{self.config.optimizer}: {err}") from None
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        p = payload["progress"]
+        self.step, self.epoch, self.position, self.tokens = p["step"], p["epoch"], p["position"], p["tokens"]
+        self.elapsed_before = p["elapsed_s"]
+        self.best_valid_bpc, self.best_step = p["best_valid_bpc"], p["best_step"]
+        self.lengths.set_state(payload["rng"]["lengths"])
+        if p["world_size"] == self.ctx.world_size:
+            torch.set_rng_state(payload["rng"]["torch_cpu"][self.ctx.rank].clone())
+            if self.device.type == "cuda" and payload["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state(payload["rng"]["cuda"][self.ctx.rank].clone(), self.device)
+        else:
+            self.notices.append(f"resumed on {self.ctx.world_size} ranks from a run on {p['world_size']}: "
+                                f"dropout draws new random numbers (the run is not an exact continuation)")
+        if payload["carry"] is not None and p["global_batch"] == self.global_batch:
+            self.carry = self._carry_from_checkpoint(payload["carry"])
+        elif payload["carry"] is not None:
+            self.notices.append(f"the global batch changed ({p['global_batch']} -> {self.global_batch}): "
+                                f"the carried hidden state and memory start afresh")
+        if self.position >= self.train_stream.length - 1:
+            raise UserInputError(f"the checkpoint stopped at byte {self.position:,} of each training column, "
+                                 f"past the end of this data's columns ({self.train_stream.length:,} bytes): "
+                                 f"resume with the same --data and --batch_size")
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def train_step(self) -> None:
+        """One optimizer step over the next segment of every column: a random length, the lr of the
+        schedule, ``accumulate`` micro-batches (each its own columns and carried state), clipping,
+        the optimizer; then the state moves on (a new epoch resets it)."""
+        c = self.config
+        x, y = self.train_stream.segment(self.position, draw_sequence_length(c.bptt, self.lengths), self.device)
+        lr = learning_rate(self.step + 1, lr=c.lr, warmup=c.warmup, schedule=c.schedule,
+                           total_steps=c.max_steps, epoch=self.epoch, when=c.when)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        carry = self.carry or [(None, None)] * c.accumulate
+        new_carry, step_loss = [], 0.0
+        for k, (hidden, mems) in enumerate(carry):
+            columns = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
+            last = k == c.accumulate - 1
+            with (self.ddp.no_sync() if self.ctx.enabled and not last else contextlib.nullcontext()):
+                with self.autocast:
+                    loss, hidden, mems = self.forward(x[:, columns], y[:, columns], hidden, mems)
+                scaled = loss / c.accumulate if c.accumulate > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            new_carry.append(_detach(hidden, mems))
+            step_loss = step_loss + loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if c.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+        length = x.shape[0]
+        self.pending.append((step_loss / c.accumulate if c.accumulate > 1 else step_loss, length))
+        self.lr = lr
+        self.step += 1
+        self.tokens += length * self.global_batch
+        self.position += length
+        self.carry = new_carry
+        if self.position >= self.train_stream.length - 1:  # the published loop: a fresh state each epoch
+            self.epoch, self.position, self.carry = self.epoch + 1, 0, None
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def flush(self) -> Optional[dict]:
+        """Check and log the steps since the last flush (one synchronisation, one collective).
+        Raises TrainingDiverged at the first NaN/inf loss. Returns the train event, or None."""
+        if not self.pending:  # the same on every rank: they all step alike
+            return None
+        losses = torch.stack([loss for loss, _ in self.pending]).double()
+        lengths = [n for _, n in self.pending]
+        values = torch.cat([(losses * losses.new_tensor(lengths)).sum()[None],
+                            losses.new_tensor([float(self.stop_signal)]),
+                            (~torch.isfinite(losses)).double()])
+        values = distributed.all_reduce(values, self.ctx).tolist()
+        first_step = self.step - len(lengths) + 1
+        self.pending = []
+        if values[1]:
+            self.stop_agreed = True
+            self.stop_signal = self.stop_signal or int(signal.SIGTERM)  # another rank was told to stop
+        bad = [i for i, flag in enumerate(values[2:]) if flag]
+        if bad:
+            where = (f"; the last good checkpoint is {self.save_dir / 'last.pt'} (step {self.last_saved_step})"
+                     if self.last_saved_step is not None else "; no checkpoint was saved before it")
+            raise TrainingDiverged(f"the training loss became NaN or inf at step {first_step + bad[0]}: "
+                                   f"stopped{where}. Try a lower --lr or more --warmup")
+        if not lengths:
+            return None
+        now = time.perf_counter()
+        tokens_per_s = sum(lengths) * self.global_batch / max(now - self._last_log_time, 1e-9)
+        self._last_log_time = now
+        loss = values[0] / (sum(lengths) * self.ctx.world_size)
+        return dict(step=self.step, split="train", loss=loss, bpc=bits_per_byte(loss), lr=self.lr,
+                    tokens_per_s=tokens_per_s, epoch=self.epoch, tokens=self.tokens, time_s=self.elapsed())
+
+    def _log(self, event: Optional[dict]) -> None:
+        if event is not None:
+            self.progress.log(event)
+            if self.metrics is not None:
+                self.metrics.write(event)
+
+    def evaluate_split(self, split: str) -> dict:
+        started = time.perf_counter()
+        loss, count = evaluate(self.model, self.eval_streams[split], bptt=self.config.bptt,
+                               precision=self.precision, ctx=self.ctx)
+        seconds = time.perf_counter() - started
+        self._last_log_time += seconds  # evaluation time does not count against training throughput
+        event = dict(step=self.step, split=split, loss=loss, bpc=bits_per_byte(loss), lr=getattr(self, "lr", 0.0),
+                     tokens_per_s=count / max(seconds, 1e-9), epoch=self.epoch, tokens=count, time_s=self.elapsed())
+        self._log(event)
+        return event
+
+    def validate_and_save(self) -> dict:
+        event = self.evaluate_split("valid")
+        improved = self.best_valid_bpc is None or event["bpc"] < self.best_valid_bpc
+        if improved:
+            self.best_valid_bpc, self.best_step = event["bpc"], self.step
+        self.save(best=improved)
+        return event
+
+    def save(self, best: bool = False) -> None:
+        if self.save_dir is None:
+            return
+        payload = self.checkpoint_payload()
+        if self.ctx.is_main:
+            save_checkpoint(self.save_dir / "last.pt", payload)
+            if best:
+                save_checkpoint(self.save_dir / "best.pt", payload)
+        self.last_saved_step = self.step
+
+    def finished(self) -> bool:
+        c = self.config
+        return ((c.max_steps is not None and self.step >= c.max_steps)
+                or (c.epochs is not None and self.epoch >= c.epochs))
+
+    def run(self) -> dict:
+        """Train until --max-steps or --epochs, a signal, or a NaN; returns the summary dict
+        (``exit_code`` 0 when finished, 128 + signal number when stopped by SIGINT/SIGTERM)."""
+        c = self.config
+        self._started = self._last_log_time = time.perf_counter()
+        for notice in self.notices:
+            self.progress.message(f"note: {notice}")
+        valid = None
+        with self._signals_caught():
+            try:
+                while not self.finished():
+                    self.train_step()
+                    self.progress.step()
+                    if self.step % c.log_interval == 0:
+                        self._log(self.flush())
+                    # Several ranks stop together, at a flush where they all agreed to.
+                    if self.stop_agreed if self.ctx.enabled else self.stop_signal:
+                        break
+                    if self.step % c.eval_interval == 0:
+                        self._log(self.flush())
+                        valid = self.validate_and_save()
+                self._log(self.flush())
+            finally:
+                self.progress.close()
+        if self.stop_signal:
+            self.save()
+            return self._summary(stopped=f"stopped by {signal.Signals(self.stop_signal).name}",
+                                 exit_code=128 + int(self.stop_signal))
+        if valid is None or valid["step"] != self.step:
+            valid = self.validate_and_save()
+        test = self.evaluate_split("test")
+        return self._summary(stopped="finished", valid=valid, test=test, exit_code=0)
+
+    @contextlib.contextmanager
+    def _signals_caught(self):
+        """SIGINT and SIGTERM ask the loop to save and stop after the current step; a second one
+        stops at once (the last checkpoint stays intact: files are replaced atomically)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            self.progress.message(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                                  f"(again to stop at once)")
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _summary(self, *, stopped: str, exit_code: int, valid=None, test=None) -> dict:
+        elapsed = self.elapsed()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        attn = [i for i, b in enumerate(self.model.blocks) if b.attn is not None]
+        c = self.config
+        summary = dict(
+            stopped=stopped, exit_code=exit_code, step=self.step,
+            epochs_done=self.epoch + self.position / max(1, self.train_stream.length - 1),
+            tokens=self.tokens, elapsed_s=elapsed, tokens_per_s=self.tokens / max(elapsed, 1e-9),
+            data=self.data_description,
+            model=(f"preset {c.preset}: emsize {c.emsize}, nhid {c.nhid}, {c.nlayers} layers, attention in "
+                   f"block{'s' if len(attn) != 1 else ''} {', '.join(map(str, attn)) or 'none'}, "
+                   f"{n_params / 1e6:.2f} M parameters; {c.optimizer}, {self.precision}, {self.device}, "
+                   f"{self.ctx.world_size} process{'es' if self.ctx.world_size > 1 else ''}"),
+            valid_bpc=valid["bpc"] if valid else None, test_bpc=test["bpc"] if test else None,
+            best_valid_bpc=self.best_valid_bpc, best_step=self.best_step)
+        if self.save_dir is not None:
+            checkpoints = [str(self.save_dir / name) for name in ("last.pt", "best.pt")
+                           if (self.save_dir / name).exists()]
+            summary.update(save=str(self.save_dir), checkpoints=checkpoints,
+                           metrics=str(self.save_dir / "metrics.jsonl"))
+            if exit_code:
+                summary["resume_hint"] = f"sharnn train --resume {self.save_dir / 'last.pt'}"
+        return summary
+
+
+def default_save_dir(config: TrainConfig) -> Path:
+    return Path("sharnn-runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, save_dir=None,
+          resume_path=None, progress: bool = True) -> dict:
+    """Train: the preset (or the checkpoint at ``resume_path``) with the explicitly given
+    ``overrides`` (TrainConfig fields; see :func:`make_config`), in a single process or, under
+    torchrun, with DDP. Writes last.pt, best.pt and metrics.jsonl to ``save_dir`` (default: the
+    resumed checkpoint's folder, else sharnn-runs/PRESET-TIME), prints the summary on rank 0 and
+    returns it as a dict (``exit_code``: 0 finished, 128 + signal when stopped by one).
+    Raises UserInputError for bad input and TrainingDiverged on a NaN or inf loss."""
+    resume = read_checkpoint(resume_path) if resume_path is not None else None
+    config = make_config(preset, dict(overrides or {}), resume["config"] if resume else None, resume_path)
+    if save_dir is None:
+        save_dir = Path(resume_path).parent if resume_path is not None else default_save_dir(config)
+    ctx = distributed.setup(config.device)
+    try:
+        save_dir = Path(save_dir)
+        if save_dir.exists() and not save_dir.is_dir():
+            raise UserInputError(f"--save {save_dir} exists and is not a folder")
+        if ctx.is_main:
+            save_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(config, ctx, save_dir=save_dir, resume=resume, progress=progress)
+        summary = trainer.run()
+        if ctx.is_main:
+            print(summary_text(summary), flush=True)
+        return summary
+    finally:
+        distributed.teardown(ctx)
+
+
+def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: int = 10,
+                        device: Optional[str] = None, precision: Optional[str] = None) -> dict:
+    """Bits per byte of a checkpoint on one split: ``{"split", "bpc", "loss" (nats per byte),
+    "tokens" (bytes predicted), "checkpoint", "step", "data"}``.
+
+    data: a prepared folder or a file; None uses the data the checkpoint was trained on. Segments
+    of the checkpoint's bptt, state carried across the split (see :func:`evaluate`), ``batch_size``
+    columns (the published script uses 10 for valid and 1 for test; 1 gives every byte the longest
+    context). precision: None is fp32 on a CPU, bf16 on a GPU that has it. Under torchrun the
+    columns are shared among the ranks.
+    """
+    if split not in ("train", "valid", "test"):
+        raise UserInputError(f"--split must be train, valid or test, got {split!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserInputError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    payload = read_checkpoint(path)
+    config = TrainConfig.from_dict(payload["config"])
+    ctx = distributed.setup(device)
+    try:
+        precision = precision or ("bf16" if ctx.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+        if precision == "fp16" and ctx.device.type != "cuda":
+            raise UserInputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
+        corpus = load_corpus(data if data is not None else config.data, config.split)
+        stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split)
+        model = build_model(config)
+        model.load_state_dict(payload["model"])
+        loss, count = evaluate(model.to(ctx.device), stream, bptt=config.bptt, precision=precision, ctx=ctx)
+    finally:
+        distributed.teardown(ctx)
+    return dict(split=split, bpc=bits_per_byte(loss), loss=loss, tokens=count, checkpoint=str(path),
+                step=payload["progress"]["step"], data=corpus.description)

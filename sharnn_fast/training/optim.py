@@ -1,0 +1,113 @@
+"""Optimizers (LAMB with a minimum trust ratio, AdamW, SGD) and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+OPTIMIZERS = ("lamb", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+class Lamb(torch.optim.Optimizer):
+    r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
+    minutes", arXiv:1904.00962, Algorithm 2) in the form the SHA-RNN paper trains with (Merity 2019,
+    arXiv:1911.11423: LAMB with a "minimum trust" floor of 0.25; no bias correction).
+
+    For each parameter w with gradient g, at every step:
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        u &= m / (\sqrt{v} + \epsilon) + \lambda w \\
+        r &= \max(\|w\|_2 / \|u\|_2,\ r_{min}) \ \text{if } \|w\|_2 > 0 \text{ and } \|u\|_2 > 0,
+             \text{ else } 1 \\
+        w &\leftarrow w - \eta\, r\, u
+
+    with norms over the whole parameter tensor (the trust ratio r is per tensor), m and v starting
+    at zero and no bias correction (the published recipe's choice). Parameters whose grad is None
+    are skipped. The trust ratio stays on the parameter's device: a step never synchronises.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\eta` (2e-3 in the paper).
+        betas: :math:`(\beta_1, \beta_2)`, default (0.9, 0.999).
+        eps: :math:`\epsilon` added to :math:`\sqrt{v}`, default 1e-6.
+        weight_decay: :math:`\lambda`, decoupled (added to the update, then trust-scaled), default 1.2e-6.
+        min_trust: :math:`r_{min}`, the floor on the trust ratio, default 0.25 (the paper's).
+    Raises:
+        ValueError: a negative lr, eps, weight_decay or min_trust, or betas outside [0, 1).
+    """
+
+    def __init__(self, params, lr: float = 2e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 1.2e-6, min_trust: float = 0.25):
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("min_trust", min_trust)):
+            if not value >= 0.0:
+                raise ValueError(f"Lamb: {name} must be >= 0, got {value}")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"Lamb: betas must be two numbers in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      min_trust=min_trust))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                weight_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                trust = torch.where((weight_norm > 0) & (update_norm > 0),
+                                    (weight_norm / update_norm).clamp(min=group["min_trust"]),
+                                    torch.ones_like(weight_norm))
+                p.sub_(update.mul_(trust * group["lr"]))
+        return loss
+
+
+def build_optimizer(name: str, params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """"lamb" (the paper's: minimum trust 0.25, eps 1e-6), "adamw" (betas 0.9, 0.999) or "sgd"
+    (plain, no momentum, as the published script's "sgd")."""
+    if name == "lamb":
+        return Lamb(params, lr=lr, weight_decay=weight_decay, min_trust=0.25)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def learning_rate(step: int, *, lr: float, warmup: int, schedule: str = "constant",
+                  total_steps: int | None = None, epoch: int = 0, when: tuple = ()) -> float:
+    """The learning rate of optimizer step ``step`` (counted from 1).
+
+    Linear warmup: ``lr * step / warmup`` for the first ``warmup`` steps, as published. Then
+    "constant" (the published schedule: the lr stays, divided by 10 after each epoch listed in
+    ``when``, counted from 1, as the published script's --when; ``epoch`` counts from 0) or "cosine" (half a cosine from
+    lr down to 0 at ``total_steps``).
+    """
+    if warmup > 0 and step < warmup:
+        return lr * step / warmup
+    rate = lr * 0.1 ** sum(1 for e in when if epoch + 1 > e)
+    if schedule == "cosine":
+        if not total_steps:
+            raise ValueError("the cosine schedule needs a known number of steps (--max-steps or --epochs)")
+        done = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        rate *= 0.5 * (1.0 + math.cos(math.pi * done))
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return rate
