@@ -248,24 +248,26 @@ def stdlib_docstrings(max_bytes: int) -> bytes:
     names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names
                    and not m.name.startswith("_") and m.name not in SKIPPED_MODULES)
     seen, texts, size = set(), [], 0
-    for name in names:
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(None):
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(name)
-        except Exception:  # platform-specific or broken modules are simply left out
-            continue
-        members = [module] + [obj for attr, obj in sorted(vars(module).items())
-                              if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
-                              and getattr(obj, "__module__", None) == name]
-        for obj in members:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80 and doc not in seen:
-                seen.add(doc)
-                texts.append(doc)
-                size += len(doc) + 2
-        if size >= max_bytes:
-            break
+    # Importing (and reading the attributes of) deprecated modules warns; the text is the same.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            try:
+                with contextlib.redirect_stdout(None):
+                    module = importlib.import_module(name)
+            except Exception:  # platform-specific or broken modules are simply left out
+                continue
+            members = [module] + [obj for attr, obj in sorted(vars(module).items())
+                                  if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+                                  and getattr(obj, "__module__", None) == name]
+            for obj in members:
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80 and doc not in seen:
+                    seen.add(doc)
+                    texts.append(doc)
+                    size += len(doc) + 2
+            if size >= max_bytes:
+                break
     return "\n\n".join(texts).encode("utf-8")[:max_bytes]
 
 

@@ -1,0 +1,102 @@
+"""Data preparation, the embedded corpus, memory-mapped splits and batches."""
+import hashlib
+import json
+import zipfile
+
+import pytest
+import torch
+
+from sharnn_fast.training.data import (BatchStream, ENWIK8_BYTES, default_corpus_file, load_corpus, prepare,
+                                       parse_split)
+from sharnn_fast.training.errors import UserInputError
+
+
+def test_prepare_a_file_splits_90_5_5_and_records_sizes_and_sha256(tmp_path, corpus_file):
+    data = corpus_file.read_bytes()
+    meta = prepare(corpus_file, tmp_path / "out")
+    assert [meta["splits"][s]["bytes"] for s in ("train", "valid", "test")] == [27_000, 1_500, 1_500]
+    written = b"".join((tmp_path / "out" / f"{s}.bin").read_bytes() for s in ("train", "valid", "test"))
+    assert written == data  # in order, nothing lost
+    for split, entry in meta["splits"].items():
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "out" / entry["file"]).read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
+    corpus = load_corpus(tmp_path / "out")
+    assert bytes(corpus.splits["valid"].tolist()) == data[27_000:28_500]
+
+
+def test_prepare_a_folder_and_a_zip_with_a_custom_split(tmp_path):
+    folder = tmp_path / "texts"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.txt").write_bytes(b"A" * 600)
+    (folder / "b" / "c.txt").write_bytes(b"C" * 400)
+    (folder / ".hidden").write_bytes(b"H" * 100)  # left out
+    meta = prepare(folder, tmp_path / "f", parse_split("80/10/10"))
+    assert [meta["splits"][s]["bytes"] for s in ("train", "valid", "test")] == [800, 100, 100]
+    assert (tmp_path / "f" / "train.bin").read_bytes() == b"A" * 600 + b"C" * 200
+    with zipfile.ZipFile(tmp_path / "t.zip", "w") as archive:
+        archive.writestr("one.txt", b"x" * 1000)
+    meta = prepare(tmp_path / "t.zip", tmp_path / "z")
+    assert meta["splits"]["train"]["bytes"] == 900
+
+
+def test_enwik8_is_recognised_by_size_and_gets_the_papers_split(tmp_path):
+    enwik8 = tmp_path / "corpus.xml"
+    with open(enwik8, "wb") as f:
+        f.truncate(ENWIK8_BYTES)  # sparse: no 100 MB written
+    splits = load_corpus(enwik8).splits
+    assert [splits[s].numel() for s in ("train", "valid", "test")] == [90_000_000, 5_000_000, 5_000_000]
+    named = tmp_path / "enwik8"
+    named.write_bytes(b"x" * 1000)
+    with pytest.raises(UserInputError, match="named like enwik8 but holds 1,000 bytes"):
+        load_corpus(named)
+
+
+def test_bad_sources_get_clear_errors(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        prepare(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(UserInputError, match="is empty"):
+        load_corpus(tmp_path / "empty")
+    (tmp_path / "tiny").write_bytes(b"abc")
+    with pytest.raises(UserInputError, match="too small to split"):
+        load_corpus(tmp_path / "tiny")
+    (tmp_path / "unprepared").mkdir()
+    with pytest.raises(UserInputError, match="without meta.json"):
+        load_corpus(tmp_path / "unprepared")
+    with pytest.raises(UserInputError, match="--split"):
+        parse_split("0.9,0.1")
+
+
+def test_prepared_folder_with_a_changed_file_is_refused(tmp_path, corpus_file):
+    prepare(corpus_file, tmp_path / "out")
+    (tmp_path / "out" / "valid.bin").write_bytes(b"short")
+    with pytest.raises(UserInputError, match="should hold 1,500 bytes"):
+        load_corpus(tmp_path / "out")
+
+
+def test_batches_are_views_of_the_mapped_split_and_ranks_take_their_columns(tmp_path):
+    data = torch.arange(103, dtype=torch.int64).to(torch.uint8)  # 103 bytes -> 4 columns of 25
+    (tmp_path / "d.bin").write_bytes(bytes(data.tolist()))
+    mapped = load_corpus(tmp_path / "d.bin", (0.98, 0.01, 0.01)).splits["train"]  # 100 bytes
+    whole = BatchStream(mapped, 4)
+    assert whole.grid.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr()  # no copy
+    x, y = whole.segment(3, 5, "cpu")
+    assert x.shape == (5, 4) and x.dtype == torch.long
+    assert x[:, 2].tolist() == list(range(53, 58)) and y[:, 2].tolist() == list(range(54, 59))
+    assert whole.segment(20, 10, "cpu")[0].shape == (4, 4)  # cut at the column's end
+    rank1 = BatchStream(mapped, 2, rank=1, world_size=2)
+    assert torch.equal(rank1.segment(3, 5, "cpu")[0], x[:, 2:])
+
+
+def test_too_short_for_the_batch_and_bptt(tmp_path):
+    with pytest.raises(UserInputError, match="too short for 8 columns"):
+        BatchStream(torch.zeros(100, dtype=torch.uint8), 4, world_size=2, min_length=17)
+
+
+def test_the_embedded_corpus_is_built_offline_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARNN_FAST_CACHE", str(tmp_path))
+    path = default_corpus_file()
+    text = path.read_bytes()
+    assert path.parent == tmp_path and len(text) >= 200_000
+    assert text.decode("utf-8").count(" the ") > 1000  # English prose
+    assert default_corpus_file() == path and path.read_bytes() == text
