@@ -2,24 +2,25 @@
 
 GPU: the paper's size (T 1024, B 16, I = H = 1024) in float32, float16 and bfloat16, and the same
 with B 1 for inference (forward only). CPU: a small size in float32, without the triton backend (its
-interpreter is not a benchmark). Each row reports
-time (also per sequential step), achieved TFLOP/s, the physical limit (conftest's `peaks`) and, on
-CUDA, peak memory; the baseline of each group is
-nn.LSTM's kernel (backend "torch": cuDNN on CUDA) in float32. Targets (GPU, bf16 triton): faster
-than 2x the step-by-step reference, within 1.5x of the baseline.
+interpreter is not a benchmark). Each case is one mode and dtype, its backends timed interleaved
+(conftest's ``bench``) against nn.LSTM's kernel in float32 (backend "torch": cuDNN on CUDA; named
+"torch float32" in the float16 and bfloat16 cases). Each row reports time (also per sequential
+step), achieved TFLOP/s, the limit (benchmarks/harness/peaks.py) and, on CUDA, peak memory.
+Targets (GPU, bf16 triton): faster than 2x the step-by-step reference, within 1.5x of the baseline.
 """
 import importlib
+import os
 
 import pytest
 import torch
 
-from conftest import synchronize
+from conftest import Variant
 from sharnn_fast import ops
 from sharnn_fast.ops.lstm import IMPLEMENTATIONS
 
 SIZES = {
-    "cuda": dict(T=1024, B=16, I=1024, H=1024, rounds=10),
-    "cpu": dict(T=64, B=4, I=128, H=128, rounds=5),
+    "cuda": dict(T=1024, B=16, I=1024, H=1024),
+    "cpu": dict(T=64, B=4, I=128, H=128),
 }
 INFERENCE_BATCH = 1  # generation and evaluation run one sequence: forward only, on GPU
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -59,53 +60,77 @@ def lstm_work(size, mode):
     return flops, elements, T
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype_name", DTYPES)
-@pytest.mark.parametrize("variant, backend", VARIANTS)
-def test_lstm(benchmark, record, monkeypatch, device, variant, backend, dtype_name, mode):
-    size = SIZES[device.type]
-    if mode == "inference B 1":
-        if device.type != "cuda":
-            pytest.skip("the B 1 inference case is benchmarked on GPU only")
-        size = dict(size, B=INFERENCE_BATCH)
-    dtype = getattr(torch, dtype_name)
-    if device.type == "cpu" and dtype != torch.float32:
-        pytest.skip("CPU benchmarks run float32 only")
-    if device.type == "cpu" and backend == "triton":
-        pytest.skip("Triton on CPU runs in its interpreter, which is not a benchmark")
-    torch.manual_seed(0)
-    args = lstm_args(size, device, dtype, requires_grad=mode == "forward+backward")
-    reason = IMPLEMENTATIONS[backend].why_not(*args)
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-    if variant == "triton-launches":
-        monkeypatch.setenv(importlib.import_module("sharnn_fast.ops.lstm.triton").GRAPHS_ENV, "0")
-    dy = torch.randn(size["T"], size["B"], size["H"], device=device, dtype=dtype)
-
+def lstm_step(args, dy, backend, mode, graphs=None):
+    """The function timed: forward without grad, or forward+backward. ``graphs`` sets the triton
+    backend's CUDA graphs switch for this variant only (variants run interleaved)."""
     def forward():
         with torch.no_grad():
             ops.lstm(*args, backend=backend)
-        synchronize(device)
 
     def forward_backward():
         for t in (*args[:5], *args[5]):
             t.grad = None
         y, _ = ops.lstm(*args, backend=backend)
         y.backward(dy)
-        synchronize(device)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    group = f"lstm {mode}"
-    benchmark.group = group
-    # Two warm-up rounds: the first compiles the kernels, the second captures the CUDA graphs.
-    benchmark.pedantic(forward_backward if mode == "forward+backward" else forward, rounds=size["rounds"],
-                       warmup_rounds=2, iterations=1)
-    flops, elements, steps = lstm_work(size, mode)
-    extra = {}
-    if benchmark.stats is not None:  # time per sequential step: what the launch overhead shows in
-        extra["per_step_us"] = 1e6 * benchmark.stats.stats.median / steps
-    record(group, f"{variant} {dtype_name}", tokens=size["T"] * size["B"], flops=flops,
-           bytes=elements * args[0].element_size(), steps=steps,
-           baseline=backend == "torch" and dtype == torch.float32,
-           size={k: v for k, v in size.items() if k != "rounds"}, **extra)
+    run = forward_backward if mode == "forward+backward" else forward
+    if graphs is None:
+        return run
+    graphs_env = importlib.import_module("sharnn_fast.ops.lstm.triton").GRAPHS_ENV
+
+    def run_with_graphs_setting():
+        saved = os.environ.get(graphs_env)
+        os.environ[graphs_env] = graphs
+        try:
+            run()
+        finally:
+            if saved is None:
+                del os.environ[graphs_env]
+            else:
+                os.environ[graphs_env] = saved
+    return run_with_graphs_setting
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_lstm(bench, device, dtype_name, mode):
+    size = SIZES[device.type]
+    if mode == "inference B 1":
+        if device.type != "cuda":
+            pytest.skip("the B 1 inference case is benchmarked on GPU only")
+        size = dict(size, B=INFERENCE_BATCH)
+    if device.type == "cpu" and dtype_name != "float32":
+        pytest.skip("CPU benchmarks run float32 only")
+    requires_grad = mode == "forward+backward"
+
+    def inputs(dtype_name):
+        torch.manual_seed(0)
+        dtype = getattr(torch, dtype_name)
+        args = lstm_args(size, device, dtype, requires_grad)
+        return args, torch.randn(size["T"], size["B"], size["H"], device=device, dtype=dtype)
+
+    def work(dtype_name):
+        flops, elements, steps = lstm_work(size, mode)
+        return dict(tokens=size["T"] * size["B"], flops=flops, steps=steps,
+                    bytes=elements * getattr(torch, dtype_name).itemsize)
+
+    args, dy = inputs(dtype_name)
+    variants, skipped = {}, {}
+    baseline = "torch"
+    if dtype_name != "float32":  # every dtype is compared with nn.LSTM's kernel in float32
+        baseline = "torch float32"
+        args32, dy32 = inputs("float32")
+        variants[baseline] = Variant(lstm_step(args32, dy32, "torch", mode), size=dict(dtype="float32"),
+                                     work=work("float32"))
+    for variant, backend in VARIANTS:
+        if device.type == "cpu" and backend == "triton":
+            skipped[variant] = "Triton on CPU runs in its interpreter, which is not a benchmark"
+            continue
+        reason = IMPLEMENTATIONS[backend].why_not(*args)
+        if reason is not None:
+            skipped[variant] = reason
+            continue
+        variants[variant] = lstm_step(args, dy, backend, mode, graphs="0" if variant == "triton-launches" else None)
+    size = dict(size, dtype=dtype_name)
+    bench.compare(f"lstm {mode}", variants, baseline=baseline, size=size, work=work(dtype_name),
+                  skipped=skipped)

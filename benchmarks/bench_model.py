@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import synchronize
 from published_sharnn import PublishedSHARNN
 from sharnn_fast import SHARNN, BackendUnavailableError
 
-# torch.compile last: its compile workers must not disturb the timing of the eager variants.
-VARIANTS = ["published", "reference", "torch", "triton", "cuda", "auto", "torch+compile"]
+# Each case times its variants interleaved against "published". torch.compile has cases of its own,
+# next to the published model and the eager "torch" backend it compiles, so that
+# `-k "not compile"` leaves all of it out.
+EAGER_VARIANTS = ["published", "reference", "torch", "triton", "cuda", "auto"]
+COMPILED_VARIANTS = ["published", "torch", "torch+compile"]
 DROPOUT = 0.1  # the paper's setting for every dropout
 
 
@@ -69,25 +71,19 @@ class Case:
             h = self.run(self.inputs, mems=self.mems)[0]
             return self.model.decoder(h)
 
-    def skip_unless_runnable(self, variant, request):
-        if (variant.endswith("+compile") and self.device.type == "cpu"
-                and request.config.getoption("benchmark_disable")):
-            pytest.skip("compiling the model takes minutes on a small CPU: only when timing")
+    def why_not(self):
+        """Why this variant cannot run here (its backend's own message), or None."""
         try:
             with torch.no_grad():
                 self.logits()
         except BackendUnavailableError as err:
-            pytest.skip(str(err))
+            return str(err)
+        return None
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("attn", ["single", "all"])
-def test_train_step(benchmark, record, request, variant, attn, model_size, device):
-    if attn not in attention_layouts(device):
-        pytest.skip("attention in every layer is benchmarked on GPU only")
-    case = Case(variant, attn, model_size, device)
+def train_step(case):
+    """One training step of ``case``'s model: forward, cross-entropy on decoder(h), backward, SGD."""
     case.model.train()
-    case.skip_unless_runnable(variant, request)
     optimizer = torch.optim.SGD(case.model.parameters(), lr=1e-4)
 
     def step():
@@ -95,35 +91,60 @@ def test_train_step(benchmark, record, request, variant, attn, model_size, devic
         logits = case.logits()
         F.cross_entropy(logits.float().view(-1, logits.shape[-1]), case.targets.reshape(-1)).backward()
         optimizer.step()
-        synchronize(device)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    group = f"model train step ({attn} attention)"
-    benchmark.group = group
-    benchmark.pedantic(step, rounds=model_size["rounds"], warmup_rounds=2, iterations=1)
-    size = model_size
-    record(group, variant, tokens=size["T"] * size["B"], flops=3 * forward_flops(size, case.attn_blocks),
-           steps=2 * size["nlayers"] * size["T"],  # the recurrences, forward and backward, are sequential
-           baseline=variant == "published", size={k: v for k, v in size.items() if k != "rounds"})
+    return step
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_inference_segment(benchmark, record, request, variant, model_size, device):
-    case = Case(variant, "single", model_size, device)
+def inference_segment(case):
+    """One segment of evaluation: forward and decoder, no grad."""
     case.model.eval()
-    case.skip_unless_runnable(variant, request)
 
     def segment():
         with torch.no_grad():
             case.logits()
-        synchronize(device)
+    return segment
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    group = "model inference segment"
-    benchmark.group = group
-    benchmark.pedantic(segment, rounds=model_size["rounds"], warmup_rounds=2, iterations=1)
-    size = model_size
-    record(group, variant, tokens=size["T"] * size["B"], flops=forward_flops(size, case.attn_blocks),
-           steps=size["nlayers"] * size["T"], baseline=variant == "published", size={k: v for k, v in size.items() if k != "rounds"})
+
+def compare_variants(bench, variants, attn, mode, size, device):
+    """Build every variant's model at ``size`` (same seed), time them interleaved against the
+    published model and record the case."""
+    compiled = any(v.endswith("+compile") for v in variants)
+    if compiled and device.type == "cpu" and not bench.timing:
+        pytest.skip("compiling the model takes minutes on a small CPU: only when timing")
+    runs, skipped = {}, {}
+    for variant in variants:
+        case = Case(variant, attn, size, device)
+        reason = case.why_not()
+        if reason is not None:
+            skipped[variant] = reason
+            continue
+        runs[variant] = train_step(case) if mode == "train" else inference_segment(case)
+    tokens, flops = size["T"] * size["B"], forward_flops(size, case.attn_blocks)
+    # The recurrences are sequential: nlayers x T dependent steps forward, as many again backward.
+    steps = size["nlayers"] * size["T"]
+    work = dict(tokens=tokens, flops=3 * flops, steps=2 * steps) if mode == "train" else \
+        dict(tokens=tokens, flops=flops, steps=steps)
+    name = f"model train step ({attn} attention)" if mode == "train" else "model inference segment"
+    bench.compare(name + (", compiled" if compiled else ""), runs, baseline="published",
+                  size=dict(size, attention=attn), work=work, skipped=skipped, budget="model")
+
+
+@pytest.mark.parametrize("attn", ["single", "all"])
+def test_train_step(bench, attn, model_size, device):
+    if attn not in attention_layouts(device):
+        pytest.skip("attention in every layer is benchmarked on GPU only")
+    compare_variants(bench, EAGER_VARIANTS, attn, "train", model_size, device)
+
+
+@pytest.mark.parametrize("attn", ["single", "all"])
+def test_train_step_compiled(bench, attn, model_size, device):
+    if attn not in attention_layouts(device):
+        pytest.skip("attention in every layer is benchmarked on GPU only")
+    compare_variants(bench, COMPILED_VARIANTS, attn, "train", model_size, device)
+
+
+def test_inference_segment(bench, model_size, device):
+    compare_variants(bench, EAGER_VARIANTS, "single", "inference", model_size, device)
+
+
+def test_inference_segment_compiled(bench, model_size, device):
+    compare_variants(bench, COMPILED_VARIANTS, "single", "inference", model_size, device)

@@ -1,20 +1,33 @@
-"""Benchmark set-up: sizes per device, run metadata, and the results files.
+"""Benchmark set-up: sizes per device, the ``bench`` fixture, run metadata and the results files.
+
+Each benchmark is one case (an op or the model at one size, forward or training) whose variants
+(backends, the published model, torch.compile) run on the same inputs. ``bench.compare`` times them
+interleaved, round after round, and records one row per variant with its median, IQR, rounds,
+ratio to the case's baseline and limit (the API: docs/benchmarks.md; the method: harness/timing.py).
 
 On a GPU the benchmarks run at the paper's sizes; on a CPU-only machine at small sizes (printed at
-the start). Every result also goes to benchmarks/results/<date>_<device>_<rev>.json and .md.
+the start). Every run goes to benchmarks/results/<date>_<device>_<rev>.json and .md, and the terminal
+shows one compact table at the end. With --benchmark-disable (CI) every variant runs once, untimed.
 """
+from __future__ import annotations
+
 import datetime
 import json
 import platform
 import re
-import statistics
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 import torch
+
+from harness import peaks as machine_peaks
+from harness.files import write_atomically
+from harness.report import TABLE_LEGEND, limit_seconds, run_table, skipped_text
+from harness.timing import Protocol, interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -24,12 +37,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 # Model sizes: the paper's recipe on GPU (memory of 5000 - T earlier positions), a small one on CPU.
 MODEL_SIZES = {
     "cuda": dict(ntoken=256, ninp=1024, nhid=4096, nlayers=4, T=1024, B=16, memory=5000 - 1024,
-                 dtype="bfloat16", rounds=5),
-    "cpu": dict(ntoken=256, ninp=256, nhid=1024, nlayers=4, T=256, B=8, memory=0,
-                dtype="float32", rounds=8),
+                 dtype="bfloat16"),
+    "cpu": dict(ntoken=256, ninp=256, nhid=1024, nlayers=4, T=256, B=8, memory=0, dtype="float32"),
 }
-
-_results = []
+# Seconds of timed rounds per case, after warm-up. A model round takes 0.1-2 s on a CPU, so a model
+# case gets more; on a GPU the whole run must stay within tools/gpu_check.sh's time limit.
+BUDGETS_S = {"cuda": {"op": 4.0, "model": 10.0}, "cpu": {"op": 10.0, "model": 40.0}}
+# Calls shorter than this are repeated within one sample (see harness.timing.Protocol).
+MIN_SAMPLE_S = {"cuda": 1e-3, "cpu": 2e-3}
 
 
 def _device_type():
@@ -73,78 +88,164 @@ def run_metadata():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def _median_time(fn, repeats, device):
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def pytest_addoption(parser):
+    group = parser.getgroup("sharnn_fast benchmarks")
+    group.addoption("--case-budget", type=float, default=None, metavar="SECONDS",
+                    help="seconds of timed rounds per case (default: per device and kind of case, "
+                         "see BUDGETS_S in benchmarks/conftest.py)")
+    group.addoption("--remeasure-peaks", action="store_true",
+                    help="measure this machine's peak rates again instead of using the cached ones")
 
 
-@pytest.fixture(scope="session")
-def peaks(device):
-    """This machine's measured peak rates, for the "limit" of each result: the time its work
-    would take at the dense matrix rate, at the copy bandwidth, or at one minimal dependent step
-    per sequential step (a recurrence cannot beat that latency)."""
-    if device.type == "cuda":
-        n, dtype, repeats, copy_numel = 8192, torch.bfloat16, 20, 2**28
-    else:
-        n, dtype, repeats, copy_numel = 2048, torch.float32, 3, 2**25
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    matmul_s = _median_time(lambda: a @ b, repeats, device)
-    src = torch.empty(copy_numel, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    copy_s = _median_time(lambda: dst.copy_(src), repeats, device)
-    tiny = torch.zeros(1, device=device)
-    steps = 200
+@dataclass
+class Variant:
+    """One variant of a case, for :meth:`Bench.compare` when a plain function is not enough.
 
-    def chain():
-        for _ in range(steps):
-            tiny.add_(1.0)
-    if device.type == "cuda":  # replay from a CUDA graph: the device's latency, not Python's
-        graph = torch.cuda.CUDAGraph()
-        chain()
-        with torch.cuda.graph(graph):
-            chain()
-        step_s = _median_time(graph.replay, repeats, device) / steps
-    else:
-        step_s = _median_time(chain, repeats, device) / steps
-    return dict(matmul_dtype=str(dtype).replace("torch.", ""), matmul_tflops=2 * n**3 / matmul_s / 1e12,
-                copy_gb_per_s=2 * src.numel() * 4 / copy_s / 1e9, step_latency_us=step_s * 1e6)
+    run: the function timed, no arguments (its result is ignored).
+    size: sizes that differ from the case's (e.g. {"dtype": "float32"} for a float32 baseline).
+    work: work that differs from the case's (tokens, flops, bytes, steps per call).
+    info: notes shown with the row (e.g. which SDPA kernel ran).
+    """
+
+    run: Callable[[], object]
+    size: Optional[dict] = None
+    work: Optional[dict] = None
+    info: Optional[dict] = None
+
+
+class _Run:
+    """This session's rows, machine peaks and results files (rewritten after every case, so a run
+    stopped by a timeout still leaves everything it measured)."""
+
+    def __init__(self):
+        self.rows, self.skipped = [], []
+        self.command = "pytest benchmarks/"
+        self.meta = self.stem = self.peaks = self.peaks_source = None
+        self.protocol = {}
+
+    def machine_peaks(self, device, remeasure: bool) -> dict:
+        if self.peaks is None:
+            identity = machine_peaks.machine_identity(device)
+            self.peaks, self.peaks_source = machine_peaks.load_or_measure(
+                identity, lambda: machine_peaks.measure_peaks(device), remeasure=remeasure)
+        return self.peaks
+
+    def add(self, rows, skipped, protocol):
+        self.rows += rows
+        self.skipped += skipped
+        self.protocol = protocol
+        self.write()
+
+    def write(self):
+        if self.stem is None:
+            self.meta = run_metadata()
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", self.meta["device"]).strip("-").lower()
+            self.stem = RESULTS_DIR / f"{self.meta['date'][:10]}_{slug}_{self.meta['git_revision']}"
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        record = dict(self.meta, command=self.command, protocol=self.protocol, peaks=self.peaks,
+                      peaks_source=self.peaks_source, results=self.rows, skipped=self.skipped)
+        write_atomically(self.stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+        header = "\n".join(f"- {k}: {v}" for k, v in self.meta.items())
+        write_atomically(self.stem.with_suffix(".md"), (
+            f"# Benchmark run\n\n{header}\n- command: `{self.command}`\n- peaks: {self.peaks_source}\n\n"
+            f"{self.table()}\n"))
+
+    def table(self) -> str:
+        return f"{run_table(self.rows)}\n\n{TABLE_LEGEND}\n\n{skipped_text(self.skipped)}"
+
+
+_run = _Run()
+
+
+class Bench:
+    """The ``bench`` fixture: ``bench.compare(...)`` times a case's variants interleaved and records
+    them; ``bench.timing`` is False under --benchmark-disable (then each variant runs once)."""
+
+    def __init__(self, config, device):
+        self.config, self.device = config, device
+
+    @property
+    def timing(self) -> bool:
+        return not self.config.getoption("benchmark_disable", default=False)
+
+    def protocol(self, budget: str) -> Protocol:
+        budget_s = self.config.getoption("case_budget", default=None) or BUDGETS_S[self.device.type][budget]
+        return Protocol(budget_s=budget_s, min_sample_s=MIN_SAMPLE_S[self.device.type])
+
+    def compare(self, group: str, variants: dict, *, baseline: str, size: dict, work: Optional[dict] = None,
+                skipped: Optional[dict] = None, budget: str = "op") -> list:
+        """Time ``variants`` of the case ``group`` interleaved and record one row per variant.
+
+        variants: {name: function of no arguments, or Variant}; all run on the same inputs.
+        baseline: the name of the variant every ratio is against; it must be among ``variants``.
+        size: every size of the case and its dtype, e.g. dict(T=64, B=4, d=256, dtype="float32").
+        work: per call: ``tokens`` (-> tokens/s), ``flops`` (-> TFLOP/s), ``bytes`` that must move
+            at least once, ``steps`` that depend on each other (-> the limit, see harness.report).
+        skipped: {name: why it cannot run here}, listed under the table.
+        budget: "op" or "model", the time budget of the case (BUDGETS_S; --case-budget overrides).
+        Returns the rows (an empty list under --benchmark-disable). Raises ValueError when the
+        baseline is not among the variants.
+        """
+        if baseline not in variants:
+            raise ValueError(f"baseline {baseline!r} is not among the variants {list(variants)}")
+        if any(row["group"] == group for row in _run.rows):
+            raise ValueError(f"case {group!r} was already recorded in this run: every case needs its "
+                             f"own name, or its ratios would be taken against another case's baseline")
+        variants = {name: v if isinstance(v, Variant) else Variant(v) for name, v in variants.items()}
+        skipped = [dict(group=group, variant=name, reason=reason) for name, reason in (skipped or {}).items()]
+        if not self.timing:
+            for variant in variants.values():
+                variant.run()
+            synchronize(self.device)
+            return []
+        memory = self._peak_memory(variants) if self.device.type == "cuda" else {}
+        protocol = self.protocol(budget)
+        timings, stopped = interleaved({name: v.run for name, v in variants.items()}, protocol,
+                                       sync=lambda: synchronize(self.device))
+        rows = []
+        for name, variant in variants.items():
+            spread = timings[name].spread
+            row_size = dict(size, **(variant.size or {}))
+            row_work = dict(work or {}, **(variant.work or {}))
+            row = dict(group=group, variant=name, baseline=name == baseline, size=row_size,
+                       median_s=spread.median, q1_s=spread.q1, q3_s=spread.q3, iqr_s=spread.iqr,
+                       rounds=spread.rounds, iterations=timings[name].iterations, stopped=stopped)
+            if row_work.get("tokens"):
+                row["tokens_per_s"] = row_work["tokens"] / spread.median
+            if row_work.get("flops"):
+                row["tflops"] = row_work["flops"] / spread.median / 1e12
+            if row_work.get("steps"):
+                row["steps"] = row_work["steps"]
+            if any(row_work.get(k) for k in ("flops", "bytes", "steps")):
+                peaks = _run.machine_peaks(self.device, self.config.getoption("remeasure_peaks", default=False))
+                row["limit_s"] = limit_seconds(peaks, row_size.get("dtype"), flops=row_work.get("flops"),
+                                               bytes=row_work.get("bytes"), steps=row_work.get("steps"))
+            if name in memory:
+                row["peak_memory_gib"] = memory[name]
+            if variant.info:
+                row["info"] = dict(variant.info)
+            rows.append(row)
+        _run.add(rows, skipped, dict(interleaved=True, warmup_rounds=protocol.warmup_rounds,
+                                     min_rounds=protocol.min_rounds, max_rounds=protocol.max_rounds,
+                                     target_rel_ci=protocol.target_rel_ci,
+                                     budgets_s=BUDGETS_S[self.device.type],
+                                     case_budget_s=self.config.getoption("case_budget", default=None)))
+        return rows
+
+    def _peak_memory(self, variants) -> dict:
+        """GiB allocated at most by one call of each variant (also a first warm-up call)."""
+        memory = {}
+        for name, variant in variants.items():
+            torch.cuda.reset_peak_memory_stats(self.device)
+            variant.run()
+            synchronize(self.device)
+            memory[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return memory
 
 
 @pytest.fixture
-def record(benchmark, request):
-    """record(group, variant, tokens=, flops=, bytes=, steps=, baseline=, **extra): store one
-    measured case. flops, bytes (moved to and from memory at least once) and steps (sequential
-    dependent steps) give TFLOP/s and the case's physical limit."""
-    def _record(group, variant, tokens=None, flops=None, bytes=None, steps=None, **extra):
-        stats = benchmark.stats.stats if benchmark.stats is not None else None
-        if stats is None:  # --benchmark-disable: the function ran once, untimed
-            return
-        row = dict(group=group, variant=variant, median_s=stats.median, iqr_s=stats.iqr,
-                   min_s=stats.min, rounds=stats.rounds, **extra)
-        if tokens is not None:
-            row["tokens_per_s"] = tokens / stats.median
-        if flops is not None:
-            row["tflops"] = flops / stats.median / 1e12
-        if flops is not None or bytes is not None or steps is not None:
-            peak = request.getfixturevalue("peaks")
-            row["peaks"] = peak
-            row["limit_s"] = max(flops / (peak["matmul_tflops"] * 1e12) if flops else 0.0,
-                                 bytes / (peak["copy_gb_per_s"] * 1e9) if bytes else 0.0,
-                                 steps * peak["step_latency_us"] * 1e-6 if steps else 0.0)
-        if torch.cuda.is_available():
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        benchmark.extra_info.update(row)
-        _results.append(row)
-        _write_results()
-    return _record
+def bench(request, device):
+    return Bench(request.config, device)
 
 
 def pytest_report_header(config):
@@ -152,49 +253,14 @@ def pytest_report_header(config):
     return f"sharnn_fast benchmarks on {device_name()}: model size {MODEL_SIZES[kind]}"
 
 
-def results_table(results):
-    """Markdown table of result rows; speedups are against the row of the same group marked
-    baseline, and "limit" is the time at this machine's measured peak rates (see `peaks`)."""
-    lines = ["| group | variant | median ms | IQR ms | tokens/s | TFLOP/s | vs baseline | limit ms "
-             "| % of limit | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in results:
-        base = next((r for r in results if r["group"] == row["group"] and r.get("baseline")), None)
-        cells = [row["group"], row["variant"], f"{1e3 * row['median_s']:.2f}", f"{1e3 * row['iqr_s']:.2f}",
-                 f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "",
-                 f"{row['tflops']:.2f}" if "tflops" in row else "",
-                 f"{base['median_s'] / row['median_s']:.2f}x" if base else "",
-                 f"{1e3 * row['limit_s']:.2f}" if "limit_s" in row else "",
-                 f"{100 * row['limit_s'] / row['median_s']:.0f}%" if "limit_s" in row else "",
-                 f"{row['peak_memory_gib']:.2f}" if "peak_memory_gib" in row else "n/a"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-_run = {}  # metadata, command and file stem of this session, fixed at its first result
-
-
 def pytest_configure(config):
-    _run["command"] = "pytest " + " ".join(config.invocation_params.args)
-
-
-def _write_results():
-    """Rewrite this run's JSON and markdown after every result, so a run stopped by a timeout
-    still leaves everything it measured."""
-    if "stem" not in _run:
-        _run["meta"] = run_metadata()
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", _run["meta"]["device"]).strip("-").lower()
-        _run["stem"] = RESULTS_DIR / f"{_run['meta']['date'][:10]}_{slug}_{_run['meta']['git_revision']}"
-    meta, stem, command = _run["meta"], _run["stem"], _run.get("command", "pytest benchmarks/")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta, command=command, results=_results),
-                                                    indent=2) + "\n")
-    header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-    stem.with_suffix(".md").write_text(f"# Benchmark run\n\n{header}\n- command: `{command}`\n\n"
-                                       f"{results_table(_results)}\n")
+    _run.command = "pytest " + " ".join(config.invocation_params.args)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if _results:
-        terminalreporter.section("sharnn_fast results (ratio = baseline median / this median)")
-        terminalreporter.write_line(results_table(_results))
-        terminalreporter.write_line(f"written to {_run['stem']}.json and .md")
+    if _run.rows:
+        terminalreporter.section("sharnn_fast results (ratio = baseline median / variant median)")
+        terminalreporter.write_line(f"{_run.meta['device']}, git {_run.meta['git_revision']}; "
+                                    f"peaks {_run.peaks_source}")
+        terminalreporter.write_line(_run.table())
+        terminalreporter.write_line(f"written to {_run.stem}.json and .md")
