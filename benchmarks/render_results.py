@@ -137,7 +137,9 @@ def headline_table(runs: list) -> str:
     if not any(GPU_PATTERN.search(run["device"]) for run in chosen):
         lines.append("| GPU | everything | | | **not yet measured** |")
     sources = "; ".join(f"[`{run['file'].removesuffix('.json')}.md`](benchmarks/results/"
-                        f"{run['file'].removesuffix('.json')}.md) (`{run['command']}`, {run['date'][:10]})"
+                        f"{run['file'].removesuffix('.json')}.md) (`{run['command']}`, {run['date'][:10]}"
+                        + ("" if (run.get("protocol") or {}).get("interleaved")
+                           else ", measured before variants were interleaved") + ")"
                         for run in chosen)
     lines += ["", f"Each row comes from one run: {sources or 'none yet'}. Ratio: the baseline's median "
               f"over the variant's, in the same run; \"not significant\": their interquartile ranges "
