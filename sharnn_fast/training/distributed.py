@@ -59,6 +59,13 @@ def setup(device: str | None) -> Context:
     return Context(rank, world_size, local_rank, device)
 
 
+def barrier(ctx: Context) -> None:
+    """Wait for every rank. Called before a clean teardown: a rank that leaves the group while
+    another still talks to it aborts in gloo ("terminate called without an active exception")."""
+    if ctx.enabled:
+        dist.barrier()
+
+
 def teardown(ctx: Context) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

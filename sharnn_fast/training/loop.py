@@ -493,6 +493,7 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
             save_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, ctx, save_dir=save_dir, resume=resume, progress=progress)
         summary = trainer.run()
+        distributed.barrier(ctx)
         if ctx.is_main:
             print(summary_text(summary), flush=True)
         return summary
@@ -527,6 +528,7 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
         model = build_model(config)
         model.load_state_dict(payload["model"])
         loss, count = evaluate(model.to(ctx.device), stream, bptt=config.bptt, precision=precision, ctx=ctx)
+        distributed.barrier(ctx)
     finally:
         distributed.teardown(ctx)
     return dict(split=split, bpc=bits_per_byte(loss), loss=loss, tokens=count, checkpoint=str(path),
