@@ -196,6 +196,8 @@ def test_every_row_shows_all_sizes_and_its_ratio():
     assert "T 64, B 4, d 256, F 1024, float32" in lines[2] and "T 64, B 4, d 256, F 1024, float32" in lines[3]
     assert "| 0.50x |" in lines[3]
     assert report.size_text(dict(ninp=256, nlayers=4, T=8, dtype="bfloat16")) == "emsize 256, layers 4, T 8, bfloat16"
+    unstable = report.run_table([row("g", "torch", 1.0, True, stopped="budget"), row("g", "x", 1.0, stopped="budget")])
+    assert unstable.count("before every median was stable") == 1  # said once per case
 
 
 def test_a_row_without_a_baseline_in_its_run_gets_no_ratio():

@@ -98,6 +98,8 @@ def notes_text(row: dict) -> str:
             notes.append(f"{key} {row[key]:.3g}" if isinstance(row[key], float) else f"{key} {row[key]}")
     if row.get("steps"):
         notes.append(f"{1e6 * row['median_s'] / row['steps']:.1f} us per sequential step")
+    if row.get("baseline") and row.get("stopped") == "budget":
+        notes.append("case stopped at its time budget before every median was stable")
     return "; ".join(notes)
 
 
