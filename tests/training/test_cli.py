@@ -1,0 +1,144 @@
+"""The ``sharnn`` command end to end in subprocesses: exit codes, one-line errors, no tracebacks."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from training_helpers import ROOT, SMALL, assert_one_line_error, run_sharnn, sharnn_env
+
+
+def test_help_of_every_command():
+    result = run_sharnn("--help")
+    assert result.returncode == 0
+    for command in ("prepare", "train", "eval", "plot"):
+        assert command in result.stdout
+    from sharnn_fast.cli import build_parser
+
+    for command in ("prepare", "train", "eval", "plot"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_prepare_train_eval_plot(tmp_path, corpus_file, capsys):
+    prepared = run_sharnn("prepare", corpus_file, tmp_path / "data")
+    assert prepared.returncode == 0 and "27,000 bytes" in prepared.stdout
+
+    run = tmp_path / "run"
+    trained = run_sharnn("train", "--preset", "tiny", *SMALL, "--data", tmp_path / "data", "--max-steps", "6",
+                         "--save", run)
+    assert trained.returncode == 0, trained.stderr
+    assert "Traceback" not in trained.stderr
+    assert "sharnn train: finished after 6 steps" in trained.stdout
+    for line in ("valid ", "test ", "checkpoints ", str(run / "best.pt")):
+        assert line in trained.stdout
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "valid", "test"} == {e["split"] for e in events}
+    assert all({"step", "split", "loss", "bpc", "lr", "tokens_per_s"} <= e.keys() for e in events)
+    assert [e["step"] for e in events if e["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+    evaluated = run_sharnn("eval", "--checkpoint", run / "last.pt", "--batch-size", "2", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    final_valid = [e for e in events if e["split"] == "valid"][-1]
+    assert result["split"] == "valid" and result["tokens"] == final_valid["tokens"] == 1_498
+    assert result["bpc"] == pytest.approx(final_valid["bpc"], rel=1e-6)
+    text = run_main(capsys, "eval", "--checkpoint", run / "last.pt", "--split", "test")
+    assert text.returncode == 0 and text.stdout.startswith("test: ") and " bpc " in text.stdout
+
+    plotted = run_sharnn("plot", run)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert_one_line_error(plotted, "pip install 'sharnn-fast[plot]'")
+    else:
+        assert plotted.returncode == 0, plotted.stderr
+        assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_without_data_uses_the_embedded_corpus(tmp_path):
+    result = run_sharnn("train", *SMALL, "--max-steps", "2", "--save", tmp_path / "run",
+                        env=sharnn_env(SHARNN_FAST_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stderr
+    assert "the embedded default corpus (docstrings of the Python" in result.stdout
+    assert (tmp_path / "cache").is_dir()
+
+
+def run_main(capsys, *args):
+    """The command in this process (faster than a subprocess): (exit status, stdout, stderr)."""
+    from sharnn_fast.cli import main
+
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exit_info:  # argparse
+        status = exit_info.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out, err)
+
+
+def test_bad_input_gets_one_line_and_no_traceback(tmp_path, corpus_file, capsys):
+    # Through the real entry point in a subprocess: a data error, a preset error, an argparse error.
+    assert_one_line_error(run_sharnn("train", "--data", tmp_path / "missing.txt"), "data path", "does not exist")
+    assert_one_line_error(run_sharnn("train", "--preset", "huge"), "unknown preset 'huge'",
+                          "tiny, paper, paper-all-attn")
+    assert_one_line_error(run_sharnn("train", "--bptt", "zero"), "argument --bptt", "see sharnn train --help")
+    # The rest in this process, through the same main().
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "short.txt").write_bytes(corpus_file.read_bytes()[:2_000])
+    cases = [
+        (["train", "--data", tmp_path / "empty.txt"], ["is empty"]),
+        (["train", *SMALL, "--data", tmp_path / "short.txt", "--batch_size", "200"],
+         ["the train split has 1,800 bytes, too short"]),
+        (["train", "--max-steps", "-1"], ["--max-steps must be a non-negative integer"]),
+        (["train", "--emsize", "100", "--nhid", "150"], ["--nhid must be a multiple of --emsize"]),
+        (["train", "--precision", "fp16", "--device", "cpu"], ["fp16 needs a CUDA device"]),
+        (["eval", "--checkpoint", tmp_path / "missing.pt"], ["does not exist"]),
+        (["plot", tmp_path], ["metrics.jsonl does not exist"]),
+        (["prepare", tmp_path / "empty.txt", tmp_path / "out"], ["is empty"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_main(capsys, *args), *fragments)
+
+
+def test_bad_checkpoints_get_one_line_and_no_traceback(tmp_path, corpus_file, capsys):
+    assert run_main(capsys, "train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--save", tmp_path).returncode == 0
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 3])
+    torch.save({"weights": torch.ones(3)}, tmp_path / "foreign.pt")
+    assert_one_line_error(run_sharnn("eval", "--checkpoint", tmp_path / "truncated.pt"), "truncated or corrupt")
+    cases = [
+        (["train", "--resume", tmp_path / "foreign.pt"], ["not a sharnn_fast checkpoint"]),
+        (["train", "--resume", tmp_path / "last.pt", "--nlayers", "3"], ["has nlayers=2 but the flags ask for nlayers=3"]),
+        (["train", "--resume", tmp_path / "last.pt", "--preset", "paper"], ["has emsize=16 but the flags ask for emsize=1024"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_main(capsys, *args), *fragments)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus_file, sig):
+    process = subprocess.Popen([sys.executable, "-m", "sharnn_fast", "train", *map(str, SMALL), "--data",
+                                str(corpus_file), "--max-steps", "100000", "--eval-interval", "100000",
+                                "--save", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sharnn_env(), cwd=ROOT)
+    try:
+        for line in process.stdout:  # wait until training runs
+            if line.startswith("step 3/"):
+                break
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr
+    assert f"stopped by {sig.name}" in stdout and "--resume" in stdout
+    step = torch.load(tmp_path / "last.pt", weights_only=True)["progress"]["step"]
+    assert step >= 3
+    if sig == signal.SIGTERM:
+        return  # resuming is the same after either signal
+    resumed = run_sharnn("train", "--resume", tmp_path / "last.pt", "--max-steps", step + 2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"finished after {step + 2} steps" in resumed.stdout
