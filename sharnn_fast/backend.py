@@ -192,7 +192,8 @@ def run(op: str, requested: Optional[str], implementations: Mapping[str, Impleme
         tensors = [t for t in _flatten_tensors(outputs) if t.requires_grad]
         if tensors:
             able = [n for n, other in implementations.items() if other.supports_double_backward(*args)]
-            message = (f"ops.{op}: backend {name!r} computes first-order gradients only, and a "
+            picked = "" if name == (requested or get_backend()) else " (picked by 'auto')"
+            message = (f"ops.{op}: backend {name!r}{picked} computes first-order gradients only, and a "
                        "higher-order gradient was asked for (a backward with create_graph=True, as "
                        "for a gradient penalty or a Hessian-vector product). Backends that compute "
                        f"it exactly for these inputs: {', '.join(map(repr, able))}; choose one with "

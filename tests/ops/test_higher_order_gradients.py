@@ -57,10 +57,10 @@ def second_derivatives(fn, inputs, seed=7):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     gen = torch.Generator().manual_seed(seed)
     outputs = flat(fn(**leaves))
-    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum()
                + (o ** 2).sum() for o in outputs)  # squared: the first derivative depends on y
     grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-    penalty = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype)).sum() for g in grads)
+    penalty = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device)).sum() for g in grads)
     return dict(zip(leaves, torch.autograd.grad(penalty, list(leaves.values()), allow_unused=True)))
 
 
@@ -120,6 +120,32 @@ def test_boom_gradient_penalty_wrt_x_from_the_weight_gradient(backend):
     else:
         with pytest.raises(RuntimeError, match=rf"ops\.boom: backend '{backend}'"):
             penalty()
+
+
+def test_auto_names_the_backend_it_picked():
+    inputs = op_inputs("attention", torch.float64)
+    with pytest.raises(RuntimeError, match=r"ops\.attention: backend 'torch' \(picked by 'auto'\)"):
+        second_derivatives(call("attention", "auto"), inputs)
+
+
+# On a GPU: cuDNN's LSTM and SDPA's fused kernels have no double backward; the Boom's does.
+GPU_CASES = [("lstm", "torch", False), ("attention", "torch", False), ("boom", "torch", True),
+             ("lstm", "triton", False), ("attention", "triton", False), ("boom", "triton", False),
+             ("lstm", "cuda", False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, backend, exact", GPU_CASES)
+def test_second_derivatives_on_gpu(op, backend, exact):
+    inputs = {k: v.cuda() for k, v in op_inputs(op, torch.float32).items()}
+    if exact:
+        expected = second_derivatives(call(op, "reference"), inputs)
+        got = second_derivatives(call(op, backend), inputs)
+        for name, want in expected.items():
+            assert_close(got[name], want, "tf32", f"{op} {backend}: second derivative wrt {name}")
+    else:
+        with pytest.raises(RuntimeError, match=rf"ops\.{op}: backend '{backend}' computes first-order"):
+            second_derivatives(call(op, backend), inputs)
 
 
 def test_first_order_gradients_and_no_grad_are_unaffected_by_the_guard():
