@@ -15,6 +15,10 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import sharnn_fast  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# Where the Triton kernels run: the GPU when there is one, and then the test is marked gpu (so
+# `pytest -m gpu` selects it), else the CPU under the interpreter.
+TRITON_DEVICE = (pytest.param("cuda", marks=pytest.mark.gpu) if torch.cuda.is_available()
+                 else pytest.param("cpu", id="cpu-interpreter"))
 
 
 def pytest_runtest_setup(item):
@@ -33,4 +37,10 @@ def _fresh_state():
 
 @pytest.fixture(params=DEVICES)
 def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[TRITON_DEVICE])
+def triton_device(request):
+    """The device for the triton backend's tests: the GPU (marked gpu), else the interpreter's CPU."""
     return torch.device(request.param)

@@ -25,8 +25,9 @@ WIDE_SHAPE = (3, 7, 1, 2049, 2049)
 
 
 @pytest.fixture
-def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device(triton_device):
+    """The GPU if there is one (the test is then marked gpu), else the CPU under the interpreter."""
+    return triton_device
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +77,7 @@ def check_reduced_precision(shape, dtype, device, draws=3):
 def test_fp32_matches_reference(shape, device):
     inputs = attention_inputs(*shape, device=device)
     assert_all_close(outputs_and_grads(run_attention("triton"), inputs),
-                     outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="triton attention")
 
 
@@ -98,7 +99,7 @@ def test_strided_inputs_and_gradients(device):
         return fn
 
     assert_all_close(outputs_and_grads(strided("triton"), inputs),
-                     outputs_and_grads(strided("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(strided("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="strided triton attention")
 
 
@@ -111,7 +112,7 @@ def test_64_bit_offsets(monkeypatch, device):
     monkeypatch.setattr(attention_triton_module, "_wide_offsets", lambda *tensors: True)
     inputs = attention_inputs(37, 82, 3, 80, 80, device)
     assert_all_close(outputs_and_grads(run_attention("triton"), inputs),
-                     outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="triton attention, 64-bit offsets")
 
 
@@ -154,7 +155,7 @@ def test_dropout_matches_reference_with_the_same_mask(device):
 
     inputs = attention_inputs(Tq, Tk, B, d, 96, device)
     assert_all_close(outputs_and_grads(triton_with_seed, inputs),
-                     outputs_and_grads(reference_with_mask, inputs), fp32_tolerance(device),
+                     outputs_and_grads(reference_with_mask, inputs), fp32_tolerance(device, "triton"),
                      what="triton attention with dropout")
 
 

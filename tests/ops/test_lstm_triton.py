@@ -1,17 +1,13 @@
 """The triton backend of ops.lstm against the reference: outputs and the gradient of every input.
 
 On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors (float32 and
-float16; one program covers a whole step there, and one test forces the GPU's small tiles), and a
-subprocess compiles them for sm_80 and sm_90. With CUDA they run on the GPU, where bfloat16, the
-paper's size, CUDA graphs and torch.compile with Inductor are also tested.
+float16; one program covers a whole step there, and one test forces the GPU's small tiles);
+tools/compile_report.py (run by .ci/run) compiles them for sm_80 and sm_90. With CUDA they run on
+the GPU, where bfloat16, the paper's size, CUDA graphs and torch.compile with Inductor are also
+tested.
 """
 import dataclasses
 import importlib
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +26,9 @@ PAPER_SHAPE = (1024, 16, 1024, 1024)  # T, B, I, H
 
 
 @pytest.fixture
-def device():
-    """The device the Triton kernels run on here: the GPU, else the CPU under the interpreter."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device(triton_device):
+    """The GPU if there is one (the test is then marked gpu), else the CPU under the interpreter."""
+    return triton_device
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +48,7 @@ def assert_reduced_matches(inputs, dtype):
 def test_matches_reference_fp32(shape, with_state, device):
     inputs = lstm_inputs(*shape, device=device, with_state=with_state)
     assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
-                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="triton lstm")
 
 
@@ -66,12 +62,12 @@ def test_gpu_tiles_batch_tiles_and_reduction_loops(monkeypatch, device):
     GPU's tiling, which a single program per step (the interpreter's default) never exercises."""
     tiles = lstm_triton.step_blocks
 
-    def small_gpu_blocks(B, H, interpreted):
-        return dataclasses.replace(tiles(B, H, interpreted=False), block_b=16, fwd_k=32, bwd_k=64)
+    def small_gpu_blocks(B, H, dtype, interpreted):
+        return dataclasses.replace(tiles(B, H, dtype, interpreted=False), block_b=16, fwd_k=32, bwd_k=64)
     monkeypatch.setattr(lstm_triton, "step_blocks", small_gpu_blocks)
     inputs = lstm_inputs(3, 17, 24, 80, device=device)  # H 80: 10 forward and 5 backward unit tiles
     assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
-                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="triton lstm, GPU tiles")
 
 
@@ -89,7 +85,7 @@ def test_windowed_step_loops(monkeypatch, only_y, device):
             return y if only_y else (y, hx)
         return fn
     assert_all_close(outputs_and_grads(outputs("triton"), inputs),
-                     outputs_and_grads(outputs("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(outputs("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="windowed triton lstm")
 
 
@@ -105,7 +101,7 @@ def test_gradient_through_one_output(used, device):
             return dict(y=y, h_n=h_n, c_n=c_n)[used]
         return fn
     assert_all_close(outputs_and_grads(only("triton"), inputs),
-                     outputs_and_grads(only("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(only("reference"), inputs), fp32_tolerance(device, "triton"),
                      what=f"gradient through {used}")
 
 
@@ -132,52 +128,8 @@ def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
     assert_all_close(outputs_and_grads(compiled, inputs),
-                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device),
+                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="compiled triton lstm")
-
-
-# Compiles both kernels for sm_80 and sm_90 with the GPU tiles, in every dtype (in a fresh process: the
-# kernels of this one are the interpreter's).
-_COMPILE_FOR_GPUS = textwrap.dedent("""
-    import importlib
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    m = importlib.import_module("sharnn_fast.ops.lstm.triton")
-    blocks = m.step_blocks(16, 1024, interpreted=False)
-    for arch in (80, 90):
-        for dt in ("fp32", "fp16", "bf16"):
-            forward = dict(xg_ptr="*" + dt, w_hh_ptr="*" + dt, hs_ptr="*" + dt, c_ptr="*fp32",
-                           gates_ptr="*fp32", t="i32", B="i32", H="i32", BLOCK_B="constexpr",
-                           BLOCK_H="constexpr", BLOCK_K="constexpr")
-            backward = dict(d_hs_ptr="*" + dt, d_c_ptr="*fp32", w_hh_t_ptr="*" + dt, c_ptr="*fp32",
-                            gates_ptr="*fp32", dgates_ptr="*" + dt, dc_carry_ptr="*fp32", t="i32",
-                            T="i32", B="i32", H="i32", HAS_D_C="constexpr", BLOCK_B="constexpr",
-                            BLOCK_H="constexpr", BLOCK_K="constexpr")
-            sources = [ASTSource(m.lstm_fwd_step_kernel, forward, dict(
-                BLOCK_B=blocks.block_b, BLOCK_H=blocks.fwd_units, BLOCK_K=blocks.fwd_k))]
-            sources += [ASTSource(m.lstm_bwd_step_kernel, backward, dict(
-                HAS_D_C=has_d_c, BLOCK_B=blocks.block_b, BLOCK_H=blocks.bwd_units, BLOCK_K=blocks.bwd_k))
-                for has_d_c in (False, True)]
-            for source in sources:
-                kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                        options=dict(num_warps=blocks.num_warps))
-                assert ".local" not in kernel.asm["ptx"], "register spills"
-    print("compiled")
-""")
-
-
-def test_kernels_compile_for_gpus_without_one():
-    """What the interpreter cannot check: tl.dot's shape rules, layouts of the reshape and split,
-    register spills. On a machine with a GPU the GPU tests compile them for real."""
-    if torch.cuda.is_available():
-        pytest.skip("the GPU tests compile the kernels for this GPU")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,12 +143,12 @@ def test_matches_reference_bf16_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paper_size_on_gpu(dtype):
-    inputs = lstm_inputs(*PAPER_SHAPE, device="cuda")
-    if dtype == torch.float32:
-        assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
-                         outputs_and_grads(run_lstm("reference"), inputs), "tf32", what="paper size")
-    else:
-        assert_reduced_matches(inputs, dtype)
+    """float32 (tf32x3 dots) and bfloat16 alike: no further from the float64 reference than twice
+    the reference computed in that dtype. Over 1024 steps the recurrence amplifies every rounding,
+    so the bound comes from the reference's own error rather than from a fixed number."""
+    inputs = lstm_inputs(*PAPER_SHAPE, device="cuda", dtype=torch.float64)
+    outputs, _ = compare_in_reduced_precision(run_lstm("triton"), run_lstm("reference"), inputs, dtype)
+    assert all(o.dtype == dtype for o in outputs)
 
 
 @pytest.mark.gpu

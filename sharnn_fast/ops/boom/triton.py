@@ -35,25 +35,30 @@ import triton.language as tl
 
 from ...backend import Implementation
 from .._kernels import compute_dtype, interpreted, triton_why_not
+from .._precision import triton_dot_precision
 
 # Globals a kernel reads must be constexpr (compiled Triton rejects plain globals).
 _GELU_SCALE = tl.constexpr(1.702)
 _MASK_BITS = tl.constexpr(24)  # random bits compared with the dropout threshold: keep rate exact to 2**-24
 
 # Tuning constants, the only place they live: per kernel, BLOCK_M tokens x BLOCK_N columns, K in
-# steps of BLOCK_K, and the launch options. GPU values from tools/compile_report.py (sm_90a and
-# sm_80, no GPU needed): the forward's 128 x 128 tile with 8 warps does not spill in any dtype;
-# the dz kernel keeps more live per element (z, its sigmoid, dy, the dropout bits) and spills at
-# 128 x 128, so it takes half the columns. BLOCK_K keeps the 3-stage operand buffers within 96 KB
-# in every dtype (sm_80 has 164 KB). BLOCK_N must be a multiple of 4 (four dropout elements per
-# Philox call). No autotune: every config costs seconds of compilation per shape and dtype, and
-# none has been timed on a GPU yet. Under the interpreter: tiles smaller than the test widths (80,
-# 320), so the masks on every edge (tokens, columns, K) are exercised.
+# steps of BLOCK_K, and the launch options. GPU values checked with tools/compile_report.py (sm_90a
+# and sm_80, no GPU needed; not yet timed on a GPU): none of them spills. The forward in 16-bit
+# takes a 128 x 128 tile; float32 (tf32x3 dots: every operand split in two) and the dz kernel
+# (which keeps z, its sigmoid, dy and the dropout bits live per element) spill at that size, so
+# they take half the columns. BLOCK_K keeps the 3-stage operand buffers within 96 KB (sm_80 has
+# 164 KB). BLOCK_N must be a multiple of 4 (four dropout elements per Philox call). No autotune:
+# every config costs seconds of compilation per shape and dtype. Under the interpreter: tiles
+# smaller than the test widths (80, 320), so the masks on every edge (tokens, columns, K) are
+# exercised.
 GPU_CONFIG = dict(
-    fwd=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    dz=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    fwd=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dz=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
 )
-GPU_BLOCK_K = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+GPU_CONFIG_FP32 = dict(
+    fwd=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dz=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+)
 INTERPRETER_CONFIG = dict(fwd=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
                           dz=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32))
 
@@ -64,10 +69,10 @@ def launch_config(kernel: str, dtype: torch.dtype, interpreter: bool) -> dict:
     here only, so tools/compile_report.py, which runs the launchers on meta tensors, compiles what
     runs."""
     if interpreter:
-        config = dict(INTERPRETER_CONFIG[kernel])
+        table = INTERPRETER_CONFIG
     else:
-        config = dict(GPU_CONFIG[kernel], BLOCK_K=GPU_BLOCK_K[dtype])
-    return dict(config, DOT_PRECISION=_dot_precision(dtype))
+        table = GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
+    return dict(table[kernel], DOT_PRECISION=triton_dot_precision(dtype))
 
 
 def empty_output(shape, dtype, device):
@@ -199,13 +204,6 @@ def _dropout_constants(dropout_p: float):
     threshold = round(dropout_p * 2**_MASK_BITS.value)
     scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
     return threshold, scale
-
-
-def _dot_precision(dtype):
-    """float32 inputs get float32 accuracy, as torch's matmuls by default: three tf32 products
-    ("tf32x3") instead of one tf32 product, whose ~4e-4 relative error would show in every output.
-    Other dtypes multiply natively; the setting does not apply to them."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _check_chunks(x, weight):

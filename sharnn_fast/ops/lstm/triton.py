@@ -11,6 +11,8 @@ Backward, per call:
     dx, dW_ih, db                                              # autograd of the input projection: GEMMs
 State and accumulation are float32 whatever the input dtype (float32, float16, bfloat16): c is kept
 in float32, the gate activations saved for backward are float32, every dot accumulates in float32.
+float32 inputs multiply as three tf32 products ("tf32x3", see ops/_precision.py): about float32
+accuracy, never Triton's single-pass tf32 default.
 
 The step loop runs in two torch.library custom ops (``sharnn_fast::lstm_triton_forward`` and
 ``..._backward``) with a fake implementation and an autograd formula, so torch.compile(fullgraph=True)
@@ -36,6 +38,7 @@ from torch import Tensor
 
 from ...backend import Implementation
 from .._kernels import compute_dtype, interpreted, triton_why_not
+from .._precision import triton_dot_precision
 
 
 # Set by the tests: fresh buffers that a kernel must fill completely start as NaN, so an element
@@ -49,8 +52,10 @@ POISON_NEW_BUFFERS = False
 # H = 1024 the forward runs 128 programs, the backward 64 (each backward program also reads the
 # whole [B, 4H] dgates row, so narrower backward tiles trade parallelism for L2 traffic). tl.dot
 # needs K >= 16 and pads M, N below 16; the forward's N is 4 * fwd_units (four gates), the
-# backward's N is bwd_units, M is the batch tile. Unmeasured on a GPU so far:
-# benchmarks/bench_lstm.py is where to tune them.
+# backward's N is bwd_units, M is the batch tile. float32 (tf32x3 dots: each operand split in two)
+# takes at most 16 sequences per program: at 32, tools/compile_report.py shows the forward spilling
+# 0.9 KB (sm_90a) to 4 KB (sm_80) of stack. Unmeasured on a GPU so far: benchmarks/bench_lstm.py is
+# where to tune them.
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class StepBlocks:
@@ -62,7 +67,7 @@ class StepBlocks:
     num_warps: int
 
 
-GPU_MAX_BLOCK_B = 64
+GPU_MAX_BLOCK_B = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
 GPU_BLOCKS = dict(fwd_units=8, fwd_k=128, bwd_units=16, bwd_k=128, num_warps=4)
 # CUDA graphs replace the launches (~10 us of host time per step against kernels of a few us) in
 # windows of this many steps; a window holds K steps of every buffer (about 40 MiB at the
@@ -73,15 +78,16 @@ GRAPH_CHUNK_STEPS = 32
 GRAPHS_ENV = "SHARNN_TRITON_LSTM_GRAPHS"
 
 
-def step_blocks(B: int, H: int, interpreted: bool) -> StepBlocks:
-    """Block sizes for batch B and width H. The interpreter runs programs one after another with
-    numpy, so there each step is one program covering the whole [B, H] state."""
+def step_blocks(B: int, H: int, dtype: torch.dtype, interpreted: bool) -> StepBlocks:
+    """Block sizes for batch B, width H and inputs of ``dtype``; the launchers and
+    tools/compile_report.py take them from here only. The interpreter runs programs one after
+    another with numpy, so there each step is one program covering the whole [B, H] state."""
     batch = max(16, triton.next_power_of_2(B))
     if interpreted:
         width = max(16, triton.next_power_of_2(H))
         return StepBlocks(block_b=batch, fwd_units=width, fwd_k=width, bwd_units=width,
                           bwd_k=4 * width, num_warps=4)
-    return StepBlocks(block_b=min(batch, GPU_MAX_BLOCK_B), **GPU_BLOCKS)
+    return StepBlocks(block_b=min(batch, GPU_MAX_BLOCK_B[dtype]), **GPU_BLOCKS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,7 +115,7 @@ def lstm_fwd_step_kernel(
     c_ptr,      # [T + 1, B, H] fp32: c_0 .. c_T; reads row t, writes row t + 1
     gates_ptr,  # [T, B, 4H] fp32: writes the activated gates i, f, g, o of step t
     t, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step t for BLOCK_H hidden units and BLOCK_B sequences."""
     batch = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
@@ -130,7 +136,7 @@ def lstm_fwd_step_kernel(
                     mask=batch_ok[:, None] & (k[None, :] < H), other=0.0)  # [BB, BK]
         w = tl.load(w_hh_ptr + w_rows[:, None] * H + k[None, :],
                     mask=(row_unit[:, None] < H) & (k[None, :] < H), other=0.0)  # [4BH, BK]
-        acc = tl.dot(h, tl.trans(w), acc)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     # [BB, 4BH] -> [BB, BH, 2, 2] (unit, gate // 2, gate % 2); split the last axis, then the next.
     even, odd = tl.split(acc.reshape(BLOCK_B, BLOCK_H, 2, 2))
     pre_i, pre_g = tl.split(even)
@@ -167,7 +173,8 @@ def lstm_bwd_step_kernel(
     dgates_ptr,    # [T, B, 4H] input dtype: reads step t + 1, writes step t (pre-activation grads)
     dc_carry_ptr,  # [B, H] fp32: dL/dc_t from the later steps on entry, dL/dc_{t-1} on exit
     t, T, B, H,
-    HAS_D_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_D_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Backward of step t for BLOCK_H hidden units and BLOCK_B sequences."""
     batch = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
@@ -188,7 +195,7 @@ def lstm_bwd_step_kernel(
                          mask=batch_ok[:, None] & (k[None, :] < 4 * H), other=0.0)  # [BB, BK]
             w = tl.load(w_hh_t_ptr + units[:, None] * (4 * H) + k[None, :],
                         mask=units_ok[:, None] & (k[None, :] < 4 * H), other=0.0)  # [BH, BK]
-            dh = tl.dot(dg, tl.trans(w), dh)
+            dh = tl.dot(dg, tl.trans(w), dh, input_precision=DOT_PRECISION)
 
     dc = tl.load(dc_carry_ptr + state, mask=ok, other=0.0)
     if HAS_D_C:
@@ -229,11 +236,12 @@ def _forward_launches(xg, w_hh, hs, c_all, gates, steps: range):
     them at t + 1 and gates at t."""
     _, B, _ = xg.shape
     H = w_hh.shape[1]
-    blocks = step_blocks(B, H, _interpreted())
+    blocks = step_blocks(B, H, xg.dtype, _interpreted())
     launch = lstm_fwd_step_kernel[(triton.cdiv(H, blocks.fwd_units), triton.cdiv(B, blocks.block_b))]
     for t in steps:
-        launch(xg, w_hh, hs, c_all, gates, t, B, H, BLOCK_B=blocks.block_b,
-               BLOCK_H=blocks.fwd_units, BLOCK_K=blocks.fwd_k, num_warps=blocks.num_warps)
+        launch(xg, w_hh, hs, c_all, gates, t, B, H, DOT_PRECISION=triton_dot_precision(xg.dtype),
+               BLOCK_B=blocks.block_b, BLOCK_H=blocks.fwd_units, BLOCK_K=blocks.fwd_k,
+               num_warps=blocks.num_warps)
 
 
 def _backward_launches(d_hs, d_c_all, w_hh_t, c_all, gates, dgates, dc_carry, steps: range, T: int):
@@ -241,14 +249,15 @@ def _backward_launches(d_hs, d_c_all, w_hh_t, c_all, gates, dgates, dc_carry, st
     t + 1 < T, writes dgates at t and updates dc_carry [B, H]."""
     _, B, _ = gates.shape
     H = w_hh_t.shape[0]
-    blocks = step_blocks(B, H, _interpreted())
+    blocks = step_blocks(B, H, dgates.dtype, _interpreted())
     launch = lstm_bwd_step_kernel[(triton.cdiv(H, blocks.bwd_units), triton.cdiv(B, blocks.block_b))]
     # Without an outside gradient for c, any fp32 tensor stands in for the pointer it never reads.
     d_c = dc_carry if d_c_all is None else d_c_all
     for t in steps:
         launch(d_hs, d_c, w_hh_t, c_all, gates, dgates, dc_carry, t, T, B, H,
-               HAS_D_C=d_c_all is not None, BLOCK_B=blocks.block_b, BLOCK_H=blocks.bwd_units,
-               BLOCK_K=blocks.bwd_k, num_warps=blocks.num_warps)
+               HAS_D_C=d_c_all is not None, DOT_PRECISION=triton_dot_precision(dgates.dtype),
+               BLOCK_B=blocks.block_b, BLOCK_H=blocks.bwd_units, BLOCK_K=blocks.bwd_k,
+               num_warps=blocks.num_warps)
 
 
 class _StepWindow:
