@@ -167,7 +167,8 @@ class Trainer:
         self.stop_signal = 0  # set by SIGINT/SIGTERM on this rank
         self.stop_agreed = False  # every rank has seen a stop request (at a flush)
         self.lr = 0.0
-        self._started = self._last_log_time = None
+        self._started = self._last_log_time = time.perf_counter()  # run() starts the clock again
+        self.last_valid: Optional[dict] = None
         self.last_saved_step: Optional[int] = None
         self.notices: list[str] = []
         if resume is not None:
@@ -268,7 +269,7 @@ class Trainer:
                                  f"resume with the same --data and --batch_size")
 
     def elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+        return self.elapsed_before + time.perf_counter() - self._started
 
     # --- one step ------------------------------------------------------------------------------
 
@@ -391,24 +392,13 @@ class Trainer:
     def run(self) -> dict:
         """Train until --max-steps or --epochs, a signal, or a NaN; returns the summary dict
         (``exit_code`` 0 when finished, 128 + signal number when stopped by SIGINT/SIGTERM)."""
-        c = self.config
         self._started = self._last_log_time = time.perf_counter()
         for notice in self.notices:
             self.progress.message(f"note: {notice}")
-        valid = None
         with self._signals_caught():
             try:
-                while not self.finished():
-                    self.train_step()
-                    self.progress.step()
-                    if self.step % c.log_interval == 0:
-                        self._log(self.flush())
-                    # Several ranks stop together, at a flush where they all agreed to.
-                    if self.stop_agreed if self.ctx.enabled else self.stop_signal:
-                        break
-                    if self.step % c.eval_interval == 0:
-                        self._log(self.flush())
-                        valid = self.validate_and_save()
+                while not self.finished() and self.advance():
+                    pass
                 self._log(self.flush())
             finally:
                 self.progress.close()
@@ -416,10 +406,27 @@ class Trainer:
             self.save()
             return self._summary(stopped=f"stopped by {signal.Signals(self.stop_signal).name}",
                                  exit_code=128 + int(self.stop_signal))
+        valid = self.last_valid
         if valid is None or valid["step"] != self.step:
             valid = self.validate_and_save()
         test = self.evaluate_split("test")
         return self._summary(stopped="finished", valid=valid, test=test, exit_code=0)
+
+    def advance(self) -> bool:
+        """One turn of the loop: a step, then logging and evaluation when their interval comes.
+        Returns False when a signal asked the run to stop (several ranks stop together, at a
+        flush where they all agreed to)."""
+        c = self.config
+        self.train_step()
+        self.progress.step()
+        if self.step % c.log_interval == 0:
+            self._log(self.flush())
+        if self.stop_agreed if self.ctx.enabled else self.stop_signal:
+            return False
+        if self.step % c.eval_interval == 0:
+            self._log(self.flush())
+            self.last_valid = self.validate_and_save()
+        return True
 
     @contextlib.contextmanager
     def _signals_caught(self):

@@ -38,7 +38,10 @@ class Progress:
     def log(self, event: dict) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
+        if event["split"] != "train":
+            self.message(f"step {event['step']} | {event['split']} | bpc {event['bpc']:.4f} | loss "
+                         f"{event['loss']:.4f} | {event['tokens']:,} bytes at {event['tokens_per_s']:,.0f} tok/s")
+        elif self.bar is not None:
             self.bar.set_postfix_str(f"tok/s {event['tokens_per_s']:,.0f} loss {event['loss']:.3f} "
                                      f"bpc {event['bpc']:.3f} lr {event['lr']:.2e}", refresh=False)
         else:
