@@ -9,20 +9,24 @@
 #
 # Made for one H200 with Python 3.12, torch 2.11, Triton 3.6, nvcc 13, 16 cores and no network; the
 # whole run stays under 8 minutes (the lease is 15 minutes for every try together). Every phase has
-# its own cap and the caps add up to 7.5 minutes; expected times on that machine are in brackets
+# its own cap and the caps add up to 7.4 minutes; expected times on that machine are in brackets
 # (estimates: nothing here has run on a GPU yet):
 #   build      [~45 s, cap 90 s]   pip install --no-build-isolation --no-deps . for sm_90a only; if it
 #                                  fails, a build without the CUDA kernels, so the Triton phases still run
-#   smoke      [~30 s, cap 60 s]   tools/gpu_smoke.py: one tiny call per (op, backend) with a
+#   smoke      [~30 s, cap 45 s]   tools/gpu_smoke.py: one tiny call per (op, backend) with a
 #                                  synchronize, then the paper-size bf16 cuda LSTM 10 times, bitwise
-#   tests      [~150 s, cap 180 s] one pytest process per test file (`-m gpu`: every GPU-capable test),
-#                                  4 at a time, each under `timeout -k` (an illegal address or a hung
-#                                  grid.sync costs one file), plus the cuda LSTM tests under
-#                                  compute-sanitizer memcheck and racecheck at small sizes
-#   op benchmarks    [~60 s, cap 70 s]   benchmarks/bench_{lstm,attention,boom}.py at the paper's sizes
-#   model benchmark  [~40 s, cap 50 s]   benchmarks/bench_model.py without the torch.compile variant
+#   tests      [~120 s, cap 150 s] one pytest process per test file (`-m gpu`: every GPU-capable test),
+#                                  4 at a time (the Triton-heavy files first, each with 3 xdist workers:
+#                                  compiling kernels is what takes the time), each under `timeout -k`
+#                                  (an illegal address or a hung grid.sync costs one file), plus the
+#                                  cuda LSTM tests under compute-sanitizer memcheck and racecheck at
+#                                  small sizes
+#   op benchmarks    [~80 s, cap 100 s]  benchmarks/bench_{lstm,attention,boom}.py at the paper's sizes
+#   model benchmark  [~45 s, cap 60 s]   benchmarks/bench_model.py without the torch.compile variant
 #   summary    [~2 s]              device, versions, tests passed/failed per file, smoke results and the
 #                                  headline table, printed last
+# The dry run takes the same path on smaller selections (the five GPU-heavy test files, the Boom
+# benchmark, one model case, all untimed), so that it stays a CI step of about two minutes.
 # Results: the benchmark files written after this run started (found through a stamp file, so
 # results committed earlier are never taken for new ones). OUT_DIR receives at most 8 files:
 # summary.txt, logs.tar.gz (every log, smoke.json, the new results) and the new results' .md/.json.
@@ -79,7 +83,7 @@ elif ! SHARNN_CUDA_ARCHS=90a-real SHARNN_REQUIRE_CUDA=1 MAX_JOBS=16 capped 90 "$
   fail build
   tail -n 30 "$logs/build.log"
   # Without the CUDA kernels every Triton phase still has something to find.
-  SHARNN_DISABLE_CUDA=1 MAX_JOBS=16 capped 60 "$logs/build_without_cuda.log" \
+  SHARNN_DISABLE_CUDA=1 MAX_JOBS=16 capped 30 "$logs/build_without_cuda.log" \
     $py -m pip install --no-build-isolation --no-deps . || fail "build without CUDA"
 fi
 {
@@ -91,33 +95,41 @@ fi
   $pyP -c "import sharnn_fast; i = sharnn_fast.build_info(); print('build: cuda', i['cuda'], i['cuda_archs'] or i['cuda_reason'], 'kernels', i['kernels'], 'devices', i['cuda_devices'])"
 } >"$logs/versions.txt" 2>&1
 
-# ---- smoke [~30 s, cap 60 s] ------------------------------------------------------------------
+# ---- smoke [~30 s, cap 45 s] ------------------------------------------------------------------
 phase smoke
 device=cuda
 [ $dry_run -eq 1 ] && device=cpu
-capped 60 "$logs/smoke.log" $pyP tools/gpu_smoke.py --device $device --json "$logs/smoke.json" || fail smoke
+capped 45 "$logs/smoke.log" $pyP tools/gpu_smoke.py --device $device --json "$logs/smoke.json" || fail smoke
 
-# ---- tests [~150 s, cap 180 s] ------------------------------------------------------------------
+# ---- tests [~120 s, cap 150 s] ------------------------------------------------------------------
 phase tests
-tests_deadline=$(( $(date +%s) + 180 ))
-per_file_cap=150
-timeout_plugin=()
-$py -c "import pytest_timeout" 2>/dev/null && timeout_plugin=(-p pytest_timeout --timeout 120)
-# Longest first, so the 4 slots stay busy; every other test file after them.
-mapfile -t test_files < <( { printf '%s\n' tests/ops/test_lstm_triton.py tests/ops/test_attention_triton.py \
-  tests/ops/test_lstm_cuda.py tests/ops/test_boom_triton.py tests/test_model.py; \
-  find tests -name 'test_*.py' | sort; } | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done)
+tests_deadline=$(( $(date +%s) + 150 ))
+per_file_cap=140
+plugins=()
+$py -c "import pytest_timeout" 2>/dev/null && plugins+=(-p pytest_timeout --timeout 100)
+workers=()
+$py -c "import xdist" 2>/dev/null && workers=(-n 3)
+# The GPU-heavy files first (they compile the most Triton kernels), so the 4 slots stay busy.
+heavy=(tests/ops/test_lstm_triton.py tests/ops/test_attention_triton.py tests/ops/test_lstm_cuda.py
+       tests/ops/test_boom_triton.py tests/test_model.py)
+if [ $dry_run -eq 1 ]; then
+  test_files=("${heavy[@]}")
+else
+  mapfile -t test_files < <( { printf '%s\n' "${heavy[@]}"; find tests -name 'test_*.py' | sort; } | awk '!seen[$0]++')
+fi
 run_test_file() {  # FILE LOG [extra pytest arguments]: one pytest process, capped by the phase deadline
   local file=$1 log=$2; shift 2
   local cap=$(( tests_deadline - $(date +%s) ))
   (( cap > per_file_cap )) && cap=$per_file_cap
   if (( cap < 10 )); then echo "NOT RUN: the tests phase's time was spent" >"$log"; return 0; fi
-  capped "$cap" "$log" $pyP -m pytest "$file" -m gpu -q -rfE -p no:cacheprovider "${timeout_plugin[@]}" "$@"
+  capped "$cap" "$log" $pyP -m pytest "$file" -m gpu -q -rfE -p no:cacheprovider "${plugins[@]}" "$@"
   echo "exit status $?" >>"$log"
 }
 for file in "${test_files[@]}"; do
+  [ -f "$file" ] || continue
   while (( $(jobs -rp | wc -l) >= 4 )); do wait -n; done
-  run_test_file "$file" "$logs/test_$(basename "$file" .py).log" &
+  case " ${heavy[*]} " in *" $file "*) extra=("${workers[@]}") ;; *) extra=() ;; esac
+  run_test_file "$file" "$logs/test_$(basename "$file" .py).log" "${extra[@]}" &
 done
 # The cuda LSTM kernels under compute-sanitizer (memcheck and racecheck, small sizes), in the same slots.
 while (( $(jobs -rp | wc -l) >= 4 )); do wait -n; done
@@ -135,15 +147,21 @@ for log in "$logs"/test_*.log; do
   case "${status:-1}" in 0|5) ;; *) fail "tests: $name" ;; esac
 done
 
-# ---- op benchmarks [~60 s, cap 70 s], model benchmark [~40 s, cap 50 s] ---------------------------
+# ---- op benchmarks [~80 s, cap 100 s], model benchmark [~45 s, cap 60 s] --------------------------
 bench_args=(-q -p no:cacheprovider)
-# Dry run: every benchmark once, untimed, as CI runs them (nothing is written to results/ then).
-[ $dry_run -eq 1 ] && bench_args+=(--benchmark-disable)
+op_benchmarks=(benchmarks/bench_lstm.py benchmarks/bench_attention.py benchmarks/bench_boom.py)
+model_cases="not compile"
+model_cap=60
+if [ $dry_run -eq 1 ]; then  # untimed, as CI runs them (nothing is written to results/ then)
+  bench_args+=(--benchmark-disable)
+  op_benchmarks=(benchmarks/bench_boom.py)
+  model_cases="inference_segment and not compile"
+  model_cap=150  # one untimed CPU case with its set-up takes 25-45 s on 2 shared cores
+fi
 phase "op benchmarks"
-capped 70 "$logs/bench_ops.log" $pyP -m pytest benchmarks/bench_lstm.py benchmarks/bench_attention.py \
-  benchmarks/bench_boom.py "${bench_args[@]}" || fail "op benchmarks"
+capped 100 "$logs/bench_ops.log" $pyP -m pytest "${op_benchmarks[@]}" "${bench_args[@]}" || fail "op benchmarks"
 phase "model benchmark"
-capped 50 "$logs/bench_model.log" $pyP -m pytest benchmarks/bench_model.py -k "not compile" "${bench_args[@]}" \
+capped $model_cap "$logs/bench_model.log" $pyP -m pytest benchmarks/bench_model.py -k "$model_cases" "${bench_args[@]}" \
   || fail "model benchmark"
 mapfile -t new_results < <(find benchmarks/results -maxdepth 1 -newer "$stamp" -type f \
   \( -name '*.json' -o -name '*.md' \) ! -name 'compile_*' | sort)
