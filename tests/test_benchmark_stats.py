@@ -240,6 +240,15 @@ def test_remeasuring_keeps_the_best_of_both_measurements(tmp_path):
     assert peaks.load_or_measure(machine, lambda: pytest.fail("measured again"), path=path)[0] == best
 
 
+def test_peak_trials_take_the_best_and_repeat_short_calls():
+    calls = []
+    assert peaks.best_time(lambda: calls.append(1), 3, lambda: None, min_seconds=0) >= 0
+    assert len(calls) == 1 + 3  # one untimed call, then the trials
+    calls.clear()
+    peaks.best_time(lambda: calls.append(1), 3, lambda: None, min_seconds=10.0, max_trials=50)
+    assert len(calls) == 1 + 50  # short calls go on, up to max_trials
+
+
 def test_a_corrupt_cache_is_measured_again_and_the_cache_path_can_be_overridden(tmp_path, monkeypatch):
     path = tmp_path / "elsewhere" / "peaks.json"
     monkeypatch.setenv(peaks.CACHE_ENV, str(path))

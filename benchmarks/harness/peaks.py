@@ -1,9 +1,9 @@
 """This machine's peak rates, from which every case's "limit" is computed, measured once per
 machine and cached.
 
-A peak is the best of several trials (the highest rate, the shortest step), because interference
-from other processes can only make a trial slower: the maximum over trials is the estimate least
-affected by load. The measurement runs once per machine identity (host, processor or GPU, thread
+A peak is the best of many trials (the highest rate, the shortest step), at several sizes, because
+interference from other processes can only make a trial slower: the maximum over trials is the
+estimate least affected by load. The measurement runs once per machine identity (host, processor or GPU, thread
 count, torch and CUDA versions) and is stored in a JSON cache, by default
 ``$XDG_CACHE_HOME/sharnn_fast/benchmark_peaks.json`` (``~/.cache/...``); the environment variable
 ``SHARNN_BENCH_PEAKS`` names another file. ``pytest benchmarks/ --remeasure-peaks`` measures again
@@ -110,32 +110,41 @@ def load_or_measure(identity: dict, measure: Callable[[], dict], *, path: Path |
     return peaks, f"measured now, cached in {path}"
 
 
-def best_time(function: Callable[[], object], trials: int, sync: Callable[[], None]) -> float:
-    """The shortest of ``trials`` timed calls, after one untimed call."""
+def best_time(function: Callable[[], object], trials: int, sync: Callable[[], None],
+              min_seconds: float = 1.0, max_trials: int = 2000) -> float:
+    """The shortest of at least ``trials`` timed calls, after one untimed call. Short calls go on
+    until ``min_seconds`` have passed (at most ``max_trials`` calls): the more short trials, the
+    likelier one falls in a quiet moment of a shared machine."""
     function()
     sync()
-    best = float("inf")
-    for _ in range(trials):
+    best, count, started = float("inf"), 0, time.perf_counter()
+    while count < trials or (time.perf_counter() - started < min_seconds and count < max_trials):
         start = time.perf_counter()
         function()
         sync()
         best = min(best, time.perf_counter() - start)
+        count += 1
     return best
 
 
-# Per device: matrix size and dtypes for the matrix rate, elements copied, trials of each.
+# Per device: matrix sizes and dtypes for the matrix rate, tensor sizes (elements) for the copy
+# bandwidth, and trials of each. Several sizes, because the best rate is not reached at the largest:
+# on a CPU a product that stays in cache runs about twice as fast as one that streams from memory,
+# and a case's small products can too.
 PEAK_SETTINGS = {
-    "cuda": dict(n=8192, dtypes=("bfloat16", "float16", "float32"), copy_numel=2**28, trials=30),
-    "cpu": dict(n=2048, dtypes=("float32",), copy_numel=2**25, trials=10),
+    "cuda": dict(sizes=(4096, 8192), dtypes=("bfloat16", "float16", "float32"), copy_numels=(2**24, 2**28),
+                 trials=30),
+    "cpu": dict(sizes=(512, 1024, 2048), dtypes=("float32",), copy_numels=(2**20, 2**25), trials=20),
 }
 CHAIN_STEPS = 200
 
 
 def measure_peaks(device) -> dict:
-    """Measure this machine's peaks (seconds; see the module docstring for the method):
+    """Measure this machine's peaks (see the module docstring for the method), each the best over
+    the sizes in PEAK_SETTINGS and their trials:
 
     - ``matmul_tflops``: {dtype: dense n x n matrix product rate} (2 n^3 FLOPs per product).
-    - ``copy_gb_per_s``: bytes read plus bytes written per second by a large tensor copy.
+    - ``copy_gb_per_s``: bytes read plus bytes written per second by a tensor copy.
     - ``step_latency_us``: the shortest dependent step: one tiny in-place add after another (on
       CUDA replayed from a CUDA graph, so it is the device's latency, not Python's).
     """
@@ -150,16 +159,19 @@ def measure_peaks(device) -> dict:
 
     matmul = {}
     for dtype_name in settings["dtypes"]:
-        n = settings["n"]
-        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
-        b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
-        matmul[dtype_name] = 2 * n**3 / best_time(lambda: a @ b, trials, sync) / 1e12
-        del a, b
-    source = torch.empty(settings["copy_numel"], device=device, dtype=torch.float32)
-    target = torch.empty_like(source)
-    copy_s = best_time(lambda: target.copy_(source), trials, sync)
-    copy_gb_per_s = 2 * source.numel() * source.element_size() / copy_s / 1e9
-    del source, target
+        for n in settings["sizes"]:
+            a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
+            b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
+            rate = 2 * n**3 / best_time(lambda: a @ b, trials, sync) / 1e12
+            matmul[dtype_name] = max(rate, matmul.get(dtype_name, 0.0))
+            del a, b
+    copy_gb_per_s = 0.0
+    for numel in settings["copy_numels"]:
+        source = torch.empty(numel, device=device, dtype=torch.float32)
+        target = torch.empty_like(source)
+        copy_s = best_time(lambda: target.copy_(source), trials, sync)
+        copy_gb_per_s = max(copy_gb_per_s, 2 * source.numel() * source.element_size() / copy_s / 1e9)
+        del source, target
 
     tiny = torch.zeros(1, device=device)
 
