@@ -46,6 +46,7 @@ import triton.language as tl
 
 from ...backend import Implementation
 from .._kernels import compute_dtype, triton_why_not
+from .._precision import triton_dot_precision
 
 # Tuning constants, the only place they live.
 #   BLOCK_M, BLOCK_N: query and key rows per tile. BLOCK_DK: width chunk of the Q.K^T and dO.V^T
@@ -382,13 +383,6 @@ def _dropout_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs: three tf32 products per dot (about fp32 accuracy, still on tensor cores), so
-    the triton backend matches the reference as closely as PyTorch's fp32 matmuls do; the others
-    take their dtype's tensor-core path whatever this says."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _wide_offsets(*tensors: torch.Tensor) -> bool:
     """Whether some element of one batch entry ([T, B, width] tensors) lies 2**31 or more elements
     from the entry's start; the batch offset itself is always 64-bit."""
@@ -420,7 +414,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
         q, k, v, out, lse, seed if has_dropout else lse,
         Tq, Tk, d, dv, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         LOG2_E / math.sqrt(d), dropout_p, _dropout_scale(dropout_p),
-        HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_DROPOUT=has_dropout, DOT_PRECISION=triton_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(q, k, v, out), **blocks, **options)
     return out, lse
 
@@ -440,6 +434,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     common = (Tq, Tk, d, dv, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     dropout_args = (scale, scale * LOG2_E, dropout_p, _dropout_scale(dropout_p))
     wide = _wide_offsets(grad_out, q, k, v, out)  # the gradients have the inputs' shapes, contiguous
+    precision = triton_dot_precision(q.dtype)
 
     delta = _new_output((B, Tq), torch.float32, device)  # [B, Tq]
     blocks, options = _launch_options(_config("delta", q, BLOCK_DK=dv))
@@ -454,14 +449,14 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     grid = (triton.cdiv(Tk, blocks["BLOCK_N"]), triton.cdiv(max(d, dv), blocks["BLOCK_C"]), B)
     torch.library.wrap_triton(attention_bwd_dkdv_kernel)[grid](
         q, k, v, grad_out, lse, delta, dk, dv_, seed_arg, *common, *dk.stride(), *dv_.stride(),
-        *dropout_args, HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(q.dtype), WIDE_OFFSETS=wide,
+        *dropout_args, HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
         **blocks, **options)
 
     blocks, options = _launch_options(_config("dq", q, BLOCK_DK=max(d, dv), BLOCK_C=d))
     grid = (triton.cdiv(Tq, blocks["BLOCK_M"]), triton.cdiv(d, blocks["BLOCK_C"]), B)
     torch.library.wrap_triton(attention_bwd_dq_kernel)[grid](
         q, k, v, grad_out, lse, delta, dq, seed_arg, *common, *dq.stride(),
-        *dropout_args, HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(q.dtype), WIDE_OFFSETS=wide,
+        *dropout_args, HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
         **blocks, **options)
     return dq, dk, dv_
 
