@@ -322,6 +322,42 @@ class SHARNN(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def generate(self, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, top_k=None,
+                 top_p=None, generator=None, state=None, return_state=False):
+        """Continue ``prompt`` by ``max_new_tokens`` tokens: a prefill of the prompt through the
+        full-sequence path, then an incremental one-token decoder (see :mod:`sharnn_fast.generation`).
+
+        Args:
+            prompt: LongTensor [T, B] of token ids, sequence first like ``forward``; T >= 1.
+            max_new_tokens: tokens to add, >= 0.
+            do_sample: sample from the distribution (True) or take the argmax (False, greedy).
+            temperature: > 0; the logits are divided by it before sampling.
+            top_k: keep only the k most likely tokens (None: all).
+            top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
+                reaches top_p, in (0, 1] (None: all).
+            generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+            state: a :class:`~sharnn_fast.generation.GenerationState` from an earlier call with
+                ``return_state=True``: the prompt then continues that text.
+            return_state: also return the state after the last returned token.
+
+        Returns:
+            LongTensor [T + max_new_tokens, B] (the prompt, then the new tokens), or
+            ``(tokens, state)`` with ``return_state=True``.
+
+        Runs under ``torch.no_grad()`` in eval mode (the mode is restored afterwards), on any backend
+        and device, and under autocast. Sampling is in float32.
+
+        Raises:
+            TypeError / ValueError: an empty prompt, token ids outside the vocabulary, a
+                non-integer prompt, ``max_new_tokens < 0``, ``temperature <= 0`` when sampling,
+                ``top_p`` outside (0, 1], ``top_k < 1``, or a state from another batch size or model.
+        """
+        from .generation import generate  # the model does not depend on generation at import
+
+        return generate(self, prompt, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, generator=generator, state=state,
+                        return_state=return_state)
+
     def vq_collapse(self) -> None:
         """Collapse the value gate of every attention block (see :meth:`Attention.vq_collapse`)."""
         for block in self.blocks:
