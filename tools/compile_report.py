@@ -508,6 +508,9 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.write(text)
         tmp.flush()
         os.fsync(tmp.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)  # a temporary file is private; the result is an ordinary file
     os.replace(tmp.name, path)
 
 

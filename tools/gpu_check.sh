@@ -27,9 +27,10 @@
 #                                  headline table, printed last
 # The dry run takes the same path on smaller selections (the five GPU-heavy test files, the Boom
 # benchmark, one model case, all untimed), so that it stays a CI step of about two minutes.
-# Results: the benchmark files written after this run started (found through a stamp file, so
-# results committed earlier are never taken for new ones). OUT_DIR receives at most 8 files:
-# summary.txt, logs.tar.gz (every log, smoke.json, the new results) and the new results' .md/.json.
+# Results: the benchmark files each benchmark run wrote (newer than a stamp file touched just before
+# it, so results committed earlier are never taken for new ones), kept as ops_* and model_*. OUT_DIR
+# receives at most 8 files: summary.txt, logs.tar.gz (every log, smoke.json, the new results) and the
+# new results' .md/.json (at most 6).
 # Exit status: 0 if every phase passed, 1 otherwise, 2 on bad arguments.
 set -uo pipefail
 
@@ -51,7 +52,6 @@ work=$(mktemp -d)
 logs=$work/logs
 mkdir -p "$logs"
 stamp=$work/stamp
-touch "$stamp"
 started=$(date +%s)
 failed_phases=()
 
@@ -158,13 +158,24 @@ if [ $dry_run -eq 1 ]; then  # untimed, as CI runs them (nothing is written to r
   model_cases="inference_segment and not compile"
   model_cap=150  # one untimed CPU case with its set-up takes 25-45 s on 2 shared cores
 fi
+results=$work/results
+mkdir -p "$results"
+# Each run names its files by date, device and git revision, so the model run would overwrite the op
+# run's: take what a run wrote (newer than the stamp) under a prefix, then stamp again.
+take_results() {
+  find benchmarks/results -maxdepth 1 -newer "$stamp" -type f \( -name '*.json' -o -name '*.md' \) \
+    ! -name 'compile_*' | while read -r f; do cp -p "$f" "$results/$1_$(basename "$f")"; done
+  touch "$stamp"
+}
 phase "op benchmarks"
+touch "$stamp"
 capped 100 "$logs/bench_ops.log" $pyP -m pytest "${op_benchmarks[@]}" "${bench_args[@]}" || fail "op benchmarks"
+take_results ops
 phase "model benchmark"
 capped $model_cap "$logs/bench_model.log" $pyP -m pytest benchmarks/bench_model.py -k "$model_cases" "${bench_args[@]}" \
   || fail "model benchmark"
-mapfile -t new_results < <(find benchmarks/results -maxdepth 1 -newer "$stamp" -type f \
-  \( -name '*.json' -o -name '*.md' \) ! -name 'compile_*' | sort)
+take_results model
+mapfile -t new_results < <(find "$results" -type f | sort)
 
 # ---- summary [~2 s]: OUT_DIR gets summary.txt, logs.tar.gz and at most 6 result files -------------
 phase summary
@@ -178,15 +189,15 @@ summary=$work/summary.txt
   echo "-- new benchmark results"
   if [ ${#new_results[@]} -eq 0 ]; then echo "none written"; fi
   for f in "${new_results[@]}"; do
-    echo "$f"
+    echo "$(basename "$f")"
     case "$f" in *.md) grep -E '^\|' "$f" | head -n 40 ;; esac
   done
   if [ ${#failed_phases[@]} -eq 0 ]; then echo "RESULT: every phase passed"
   else echo "RESULT: FAILED: ${failed_phases[*]}"; fi
 } >"$summary" 2>&1
 cp -p "$summary" "$out/summary.txt"
-for f in "${new_results[@]:0:6}"; do cp -p "$f" "$out/"; cp -p "$f" "$logs/"; done
-tar -czf "$out/logs.tar.gz" -C "$work" logs summary.txt
+for f in "${new_results[@]:0:6}"; do cp -p "$f" "$out/"; done
+tar -czf "$out/logs.tar.gz" -C "$work" logs results summary.txt
 rm -rf "$work"
 cat "$out/summary.txt"
 [ ${#failed_phases[@]} -eq 0 ]
