@@ -25,6 +25,7 @@ p), renormalised, all in float32.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -97,13 +98,21 @@ def choose_next(logits, do_sample: bool, temperature: float, top_k, top_p, gener
 # ---------------------------------------------------------------------------------------------------
 class _Decoder:
     """The model's state for one-token steps: (h, c) per block and a ring-buffer memory per
-    attention block. Built from a (hidden, mems) pair as model.forward returns them."""
+    attention block, built from a (hidden, mems) pair as model.forward returns them (copied: the
+    caller's tensors are never written).
 
-    def __init__(self, model, hidden, mems):
-        self.model = model
+    ``filled`` and ``head`` (rows in use, next row to write) describe the state before the next
+    step; :meth:`advance` moves them on after each step. With ``static=True`` every tensor keeps
+    its shape and address from step to step, as a CUDA graph needs: the step writes the ring
+    through device-side copies of the two counters and attends over all of the ring with the
+    unused rows masked, instead of over a slice whose length changes.
+    """
+
+    def __init__(self, model, hidden, mems, static: bool = False):
+        self.model, self.static = model, static
         self.cap = model.num_max_positions
-        self.h = [pair[0][0] for pair in hidden]  # each [B, d]
-        self.c = [pair[1][0] for pair in hidden]  # each [B, d]
+        self.h = [pair[0][0].clone() for pair in hidden]  # each [B, d]
+        self.c = [pair[1][0].clone() for pair in hidden]  # each [B, d]
         self.ring, self.filled, self.head = [], [], []
         for block, mem in zip(model.blocks, mems):
             if block.attn is None:
@@ -112,11 +121,16 @@ class _Decoder:
                 self.head.append(0)
                 continue
             mem = mem[-self.cap:]
-            ring = mem.new_empty(self.cap, *mem.shape[1:])  # [cap, B, d]
+            ring = mem.new_zeros(self.cap, *mem.shape[1:])  # [cap, B, d]
             ring[:mem.shape[0]] = mem
             self.ring.append(ring)
             self.filled.append(mem.shape[0])
-            self.head.append(mem.shape[0] % self.cap)  # the next row to write
+            self.head.append(mem.shape[0] % self.cap)
+        if static:
+            device = model.encoder.weight.device
+            self.rows = torch.arange(self.cap, device=device)  # [cap]
+            self.head_t = [torch.tensor([n], device=device) for n in self.head]  # each [1]
+            self.filled_t = [torch.tensor([n], device=device) for n in self.filled]  # each [1]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Read one token per sequence (token [B]) and return the model's output h [B, d]."""
@@ -126,7 +140,11 @@ class _Decoder:
             rnn = block.rnn
             h_new, c_new = torch.lstm_cell(block.lnstart(h), (self.h[i], self.c[i]), rnn.weight_ih_l0,
                                            rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-            self.h[i], self.c[i] = h_new, c_new
+            if self.static:
+                self.h[i].copy_(h_new)
+                self.c[i].copy_(c_new)
+            else:
+                self.h[i], self.c[i] = h_new, c_new
             h = h_new.to(torch.promote_types(h_new.dtype, torch.float32))  # the model's widening
             if block.attn is not None:
                 memory_row = block.lnmem(h)
@@ -135,23 +153,43 @@ class _Decoder:
             h = block.lnff(h) + _boom_one_token(block.ff.linear1, block.lnxff(h))
         return h
 
+    def advance(self) -> None:
+        """After a step: one more position in every attention block's memory."""
+        for i, ring in enumerate(self.ring):
+            if ring is not None:
+                self.head[i] = (self.head[i] + 1) % self.cap
+                self.filled[i] = min(self.filled[i] + 1, self.cap)
+
     def _attend(self, i: int, attn, h, memory_row):
         """Attention block i for the one new position, query h [B, d]: the keys and values are the
-        memory plus ``memory_row`` [B, d] (this position's lnmem), appended to the ring first."""
+        memory plus ``memory_row`` [B, d] (this position's lnmem), written to the ring first."""
         ring = self.ring[i]
-        ring[self.head[i]] = memory_row.to(ring.dtype)
-        self.head[i] = (self.head[i] + 1) % self.cap
-        self.filled[i] = min(self.filled[i] + 1, self.cap)
-        memory = ring[:self.filled[i]]  # [M, B, d], rows in ring order
+        mask = None
+        if self.static:
+            ring.index_copy_(0, self.head_t[i], memory_row.to(ring.dtype).unsqueeze(0))
+            filled = self.filled_t[i].add_(1).clamp_(max=self.cap)
+            self.head_t[i].add_(1).remainder_(self.cap)
+            memory, mask = ring, self.rows >= filled  # [cap, B, d], [cap]: rows not in use
+        else:
+            ring[self.head[i]] = memory_row.to(ring.dtype)
+            memory = ring[:min(self.filled[i] + 1, self.cap)]  # [M, B, d], rows in ring order
         query = attn.qln(attn.q(h).to(torch.promote_types(h.dtype, torch.float32)))
         q = torch.sigmoid(attn.qs[0]) * query * torch.sigmoid(attn.ks[0])  # [B, d]: key gate folded in
-        scores = torch.einsum("bd,mbd->bm", q.to(memory.dtype), memory) / math.sqrt(q.shape[-1])
-        weights = scores.float().softmax(-1).to(memory.dtype)  # [B, M]
+        scores = torch.einsum("bd,mbd->bm", q.to(memory.dtype), memory).float() / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        weights = scores.softmax(-1).to(memory.dtype)  # [B, M]
         return attn.value_gate()[0] * torch.einsum("bm,mbd->bd", weights, memory)
+
+    def tensors(self) -> list:
+        """Every tensor a step writes (for saving and restoring around CUDA-graph warm-up)."""
+        rings = [r for r in self.ring if r is not None]
+        counters = self.head_t + self.filled_t if self.static else []
+        return self.h + self.c + rings + counters
 
     def state(self) -> tuple[list, list]:
         """(hidden, mems) in model.forward's format, memories oldest first."""
-        hidden = [(h.unsqueeze(0), c.unsqueeze(0)) for h, c in zip(self.h, self.c)]
+        hidden = [(h.unsqueeze(0).clone(), c.unsqueeze(0).clone()) for h, c in zip(self.h, self.c)]
         mems = []
         for ring, filled, head in zip(self.ring, self.filled, self.head):
             if ring is None:
@@ -161,6 +199,42 @@ class _Decoder:
             else:
                 mems.append(torch.cat([ring[head:], ring[:head]]))
         return hidden, mems
+
+
+class _GraphedStep:
+    """The one-token step (decoder step and logits) captured once in a CUDA graph and replayed:
+    one launch per token instead of a few dozen. Inputs and outputs are static buffers."""
+
+    WARMUP_STEPS = 2  # eager steps on a side stream before capture (cuBLAS handles, allocator)
+
+    def __init__(self, model, decoder: _Decoder, batch: int):
+        device = model.encoder.weight.device
+        self.token = torch.zeros(batch, dtype=torch.int64, device=device)  # [B]
+        saved = [t.clone() for t in decoder.tensors()]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_STEPS):
+                model.decoder(decoder.step(self.token))
+        torch.cuda.current_stream(device).wait_stream(side)
+        for t, copy in zip(decoder.tensors(), saved):  # the warm-up steps must leave no trace
+            t.copy_(copy)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decoder(decoder.step(self.token))  # [B, V]
+
+    def __call__(self, token):
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+
+def use_cuda_graphs(device: torch.device) -> bool:
+    """``SHARNN_GENERATE_CUDA_GRAPHS``: ``auto`` (default: on CUDA), ``0`` (never) or ``1``."""
+    setting = os.environ.get("SHARNN_GENERATE_CUDA_GRAPHS", "auto").strip()
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"SHARNN_GENERATE_CUDA_GRAPHS must be auto, 0 or 1, got {setting!r}")
+    return device.type == "cuda" and setting != "0"
 
 
 def _boom_one_token(linear, x):
@@ -211,9 +285,10 @@ def _check_arguments(model, prompt, max_new_tokens, do_sample, temperature, top_
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
-             generator=None, state=None, return_state=False, on_token=None):
+             generator=None, state=None, return_state=False, on_token=None, static=None):
     """See :meth:`sharnn_fast.SHARNN.generate`. ``on_token(tokens [B])``, if given, is called with
-    every new token as soon as it is chosen (for streaming)."""
+    every new token as soon as it is chosen (for streaming). ``static``: decode with fixed-shape
+    tensors (replayed from a CUDA graph on CUDA); None decides by :func:`use_cuda_graphs`."""
     _check_arguments(model, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, generator, state)
     was_training = model.training
     model.eval()
@@ -225,15 +300,23 @@ def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, 
         # Prefill: the whole prompt through the full-sequence path.
         h, hidden, mems = model(prompt, hidden=hidden, mems=mems, return_h=False)
         logits = model.decoder(h[-1])  # [B, V]
-        decoder = _Decoder(model, hidden, mems)
+        steps = max_new_tokens if return_state else max_new_tokens - 1  # the state covers every token
+        graphed = steps > 0 and use_cuda_graphs(prompt.device) if static is None else static
+        decoder = _Decoder(model, hidden, mems, static=graphed)
+        if graphed and prompt.is_cuda:
+            step = _GraphedStep(model, decoder, prompt.shape[1])
+        else:
+            def step(token):
+                return model.decoder(decoder.step(token))
         out = [prompt]
         for n in range(max_new_tokens):
             token = choose_next(logits, do_sample, temperature, top_k, top_p, generator)  # [B]
             out.append(token.unsqueeze(0))
             if on_token is not None:
                 on_token(token)
-            if n + 1 < max_new_tokens or return_state:  # the state covers every returned token
-                logits = model.decoder(decoder.step(token))
+            if n < steps:
+                logits = step(token)
+                decoder.advance()
         tokens = torch.cat(out)  # [T + max_new_tokens, B]
         if not return_state:
             return tokens

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sharnn_fast import SHARNN
-from sharnn_fast.generation import GenerationState, choose_next, next_token_distribution
+from sharnn_fast.generation import GenerationState, choose_next, generate, next_token_distribution
 from tolerances import assert_close
 
 V = 23
@@ -67,6 +67,41 @@ def test_greedy_across_the_published_5000_position_cap():
     out, state = model.generate(prompt, 20, do_sample=False, return_state=True)
     assert torch.equal(per_token_argmax(model, out, 4990), out[4990:])
     assert [m.shape[0] for m in state.mems if torch.is_tensor(m)] == [5000]
+
+
+def test_fixed_shape_decoder_equals_the_sliced_one_across_the_cap():
+    """The decoder a CUDA graph replays (fixed shapes, counters on the device, masked ring) runs
+    on CPU too: it must give the same tokens and state as the one that slices the ring."""
+    model = trained_looking_model(11, "torch", attn_layers=[0, 2])
+    model.num_max_positions = 10
+    prompt = torch.randint(0, V, (4, 2))
+    runs = [generate(model, prompt, 30, do_sample=False, return_state=True, static=static)
+            for static in (False, True)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(per_token_argmax(model, runs[1][0], 4), runs[1][0][4:])
+    for m, m2 in zip(runs[0][1].mems, runs[1][1].mems):
+        if torch.is_tensor(m):
+            assert_close(m2, m, name="memory of the fixed-shape decoder")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 3])
+def test_cuda_graph_decoder_equals_eager_on_gpu(B, monkeypatch):
+    model = trained_looking_model(12, "torch").cuda()
+    model.num_max_positions = 16
+    prompt = torch.randint(0, V, (5, B), device="cuda")
+    out = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("SHARNN_GENERATE_CUDA_GRAPHS", setting)
+        out[setting] = model.generate(prompt, 40, do_sample=False)
+    assert torch.equal(out["0"], out["1"])
+    assert torch.equal(per_token_argmax(model, out["1"], 5), out["1"][5:])
+
+
+def test_bad_cuda_graph_setting_is_rejected(monkeypatch):
+    monkeypatch.setenv("SHARNN_GENERATE_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="SHARNN_GENERATE_CUDA_GRAPHS"):
+        trained_looking_model(13).generate(torch.zeros(2, 1, dtype=torch.long), 2)
 
 
 def test_state_matches_forward_and_continues_generation():
