@@ -149,26 +149,48 @@ def _missing(op: str, name: str) -> str:
             f"use backend='torch' or backend='auto'")
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """What :mod:`sharnn_fast.autotuning` needs to know about one call of an op: its shape bucket
+    (lengths, batch sizes and token counts rounded up by ``autotuning.pow2``, widths exact), its
+    compute dtype, whether dropout is active, and ``deterministic``, which maps the op's arguments
+    to the same call with dropout off (to check backends against each other)."""
+
+    bucket: tuple
+    dtype: torch.dtype
+    dropout: bool = False
+    deterministic: Callable[[tuple], tuple] = lambda args: args
+
+
 def choose(op: str, requested: Optional[str], implementations: Mapping[str, Implementation],
-           device: torch.device, *args, **kwargs) -> tuple[str, Implementation]:
-    """Pick the implementation of ``op`` for these arguments (``*args, **kwargs`` are the op's).
-    Returns its backend name and the implementation."""
+           device: torch.device, *args, tuning: Optional[Tuning] = None) -> tuple[str, Implementation]:
+    """Pick the implementation of ``op`` for these arguments (``*args`` are the op's). Returns its
+    backend name and the implementation. With autotuning on and ``tuning`` given, "auto" takes the
+    measured choice (see :mod:`sharnn_fast.autotuning`)."""
     name = get_backend() if requested is None else validate_backend(requested)
     if name != "auto":
         impl = implementations.get(name)
-        reason = _missing(op, name) if impl is None else impl.why_not(*args, **kwargs)
+        reason = _missing(op, name) if impl is None else impl.why_not(*args)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} cannot run {op}: {reason}")
         _record(op, name, f"requested explicitly, on {device.type}")
         return name, impl
 
+    if tuning is not None:
+        from . import autotuning  # light: it imports nothing heavy until it tunes
+        if autotuning.enabled() and autotuning.may_tune_now(device):
+            tuned, why = autotuning.choose(op, implementations, device, args, tuning.dtype, tuning.bucket,
+                                         tuning.dropout, tuning.deterministic)
+            _record(op, tuned, why)
+            return tuned, implementations[tuned]
+
     skipped = []
     preference = _AUTO_PREFERENCE.get(op, {}).get(device.type, _DEFAULT_PREFERENCE)
     for candidate in preference:
         impl = implementations.get(candidate)
-        reason = _missing(op, candidate) if impl is None else impl.why_not(*args, **kwargs)
+        reason = _missing(op, candidate) if impl is None else impl.why_not(*args)
         if reason is None:
-            why = f"auto on {device.type}" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+            why = f"auto on {device.type}, static preference" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
             _record(op, candidate, why)
             return candidate, impl
         skipped.append(f"{candidate} ({reason})")
@@ -176,7 +198,7 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
 
 
 def run(op: str, requested: Optional[str], implementations: Mapping[str, Implementation],
-        device: torch.device, *args):
+        device: torch.device, *args, tuning: Optional[Tuning] = None):
     """Choose the implementation of ``op`` (see :func:`choose`) and run it on ``args``.
 
     If autograd records the call and the chosen implementation's gradients are not differentiable
@@ -185,7 +207,7 @@ def run(op: str, requested: Optional[str], implementations: Mapping[str, Impleme
     first step of any higher-order gradient). The hook sits on the outputs, so no path to a second
     derivative can go around it.
     """
-    name, impl = choose(op, requested, implementations, device, *args)
+    name, impl = choose(op, requested, implementations, device, *args, tuning=tuning)
     outputs = impl.run(*args)
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not impl.supports_double_backward(*args)):

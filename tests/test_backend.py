@@ -55,7 +55,7 @@ def test_auto_skips_backends_that_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ops.boom(*small_boom())
     report = sharnn_fast.explain()
-    assert "boom: torch (auto on cpu; skipped cuda (" in report and "triton (" in report
+    assert "boom: torch (auto on cpu, static preference; skipped cuda (" in report and "triton (" in report
 
 
 def test_invalid_names_are_rejected(monkeypatch):

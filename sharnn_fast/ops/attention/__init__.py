@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ... import backend as _backend
+from ...autotuning import pow2
 from .._checks import check_dropout, check_float_tensor, check_same_device, check_same_dtype
 from .._dtypes import cast_outputs, compute_dtype
 from .reference import attention_reference
@@ -48,5 +49,13 @@ def attention(q, k, v, *, dropout_p=0.0, training=False, backend=None):
     dropout_p = check_dropout(dropout_p)
     device = check_same_device(q=q, k=k, v=v)
     check_same_dtype(device, q=q, k=k, v=v)
-    y = _backend.run("attention", backend, IMPLEMENTATIONS, device, q, k, v, dropout_p, training)
-    return cast_outputs(y, compute_dtype(q))
+    dtype = compute_dtype(q)
+    tuning = _backend.Tuning(bucket=(pow2(Tq), pow2(Tk), pow2(B), d, v.shape[-1]), dtype=dtype,
+                             dropout=training and dropout_p > 0, deterministic=_without_dropout)
+    y = _backend.run("attention", backend, IMPLEMENTATIONS, device, q, k, v, dropout_p, training,
+                     tuning=tuning)
+    return cast_outputs(y, dtype)
+
+
+def _without_dropout(args):
+    return (*args[:3], 0.0, False)

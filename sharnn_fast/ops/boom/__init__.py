@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ... import backend as _backend
+from ...autotuning import pow2
 from .._checks import check_dropout, check_float_tensor, check_same_device, check_same_dtype
 from .._dtypes import cast_outputs, compute_dtype
 from .reference import boom_reference
@@ -47,5 +48,13 @@ def boom(x, weight, bias, *, dropout_p=0.0, training=False, backend=None):
     dropout_p = check_dropout(dropout_p)
     device = check_same_device(x=x, weight=weight, bias=bias)
     check_same_dtype(device, x=x, weight=weight, bias=bias)
-    y = _backend.run("boom", backend, IMPLEMENTATIONS, device, x, weight, bias, dropout_p, training)
-    return cast_outputs(y, compute_dtype(x))
+    dtype = compute_dtype(x)
+    tuning = _backend.Tuning(bucket=(pow2(x.numel() // d), d, F, bias is not None), dtype=dtype,
+                             dropout=training and dropout_p > 0, deterministic=_without_dropout)
+    y = _backend.run("boom", backend, IMPLEMENTATIONS, device, x, weight, bias, dropout_p, training,
+                     tuning=tuning)
+    return cast_outputs(y, dtype)
+
+
+def _without_dropout(args):
+    return (*args[:3], 0.0, False)

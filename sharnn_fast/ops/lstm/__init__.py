@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ... import backend as _backend
+from ...autotuning import pow2
 from .._checks import check_float_tensor, check_same_device, check_same_dtype
 from .._dtypes import cast_outputs, compute_dtype
 from . import torch_native
@@ -62,6 +63,8 @@ def lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None, *, backend=None):
                                bias_hh=bias_hh, h0=h0, c0=c0)
     check_same_dtype(device, x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                      bias_hh=bias_hh, h0=h0, c0=c0)
+    dtype = compute_dtype(x)
+    tuning = _backend.Tuning(bucket=(pow2(T), pow2(B), I, H, hx is not None), dtype=dtype)
     out = _backend.run("lstm", backend, IMPLEMENTATIONS, device,
-                       x, weight_ih, weight_hh, bias_ih, bias_hh, hx)
-    return cast_outputs(out, compute_dtype(x))
+                       x, weight_ih, weight_hh, bias_ih, bias_hh, hx, tuning=tuning)
+    return cast_outputs(out, dtype)

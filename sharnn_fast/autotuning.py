@@ -1,0 +1,406 @@
+"""Autotuning: "auto" measures the backends on this machine, and only trusts one it has checked.
+
+When autotuning is on, the first call of an op for a given *tuning key* (op, device, dtype, shape
+bucket, whether dropout is active, whether a backward follows, and the versions of everything that
+could change the answer) does this, on copies of the call's inputs:
+
+1. runs every backend that can run the inputs;
+2. checks each against the "torch" backend (or "reference" where torch cannot run), with dropout
+   off: outputs and, when a backward follows, the gradients of every input, within the dtype's
+   tolerance (:data:`TOLERANCE`). A backend that disagrees is excluded, with a warning naming it and
+   the error seen;
+3. times the survivors (a warmed-up median of several calls; CUDA events on a GPU), forward only
+   for inference and forward + backward for training, and picks the fastest.
+
+The choice is kept in memory and in a JSON file in the user's cache directory
+(``$SHARNN_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharnn_fast`` or ``~/.cache/sharnn_fast`` on
+Linux, ``~/Library/Caches/sharnn_fast`` on macOS, ``%LOCALAPPDATA%\\sharnn_fast`` on Windows),
+written atomically. An unreadable or foreign file is ignored with one warning and rewritten.
+
+Tuning never changes the caller's results: it works on detached clones, restores the CPU and CUDA
+random number generators afterwards, and leaves the caller's autograd graph alone. It never runs
+while torch.compile traces or while a CUDA graph is being captured: there the cached choice is
+used, or the static preference.
+
+The shape bucket (:func:`pow2`): every sequence length, batch size and token count rounded up to a
+power of two; every width (hidden size, head width, Boom width) exact. So the growing attention
+memory of a training run, or the last short segment of an epoch, reuses a choice.
+
+Switches: :func:`autotune` (process-wide), else ``SHARNN_FAST_AUTOTUNE=1``/``0``, else off. It is
+off by default on every device until a GPU measurement shows its first-call cost is small at the
+paper's size (``benchmarks/bench_autotune.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import torch
+
+log = logging.getLogger("sharnn_fast.autotune")
+
+ENV_SWITCH = "SHARNN_FAST_AUTOTUNE"
+ENV_CACHE_DIR = "SHARNN_FAST_CACHE_DIR"
+CACHE_FILE = "autotune.json"
+FORMAT, VERSION = "sharnn_fast.autotune", 1
+
+# Largest relative error (max |a - b| / max |b|, over each output and gradient) a backend may show
+# against the check backend: about 10x the rounding each dtype's kernels show in the tests
+# (tests/tolerances.py), far below what a wrong kernel gives.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 3e-3, torch.float16: 3e-2, torch.bfloat16: 1e-1}
+TIMED_CALLS = 5  # after one warm-up call; the median is kept
+CHECK_BACKENDS = ("torch", "reference")  # the first that can run is what the others are checked against
+
+_enabled: Optional[bool] = None
+_choices: dict[tuple, tuple[dict, str]] = {}  # (op, device, dtype, bucket, ...) -> (entry, where)
+_disk: Optional[dict] = None  # the cache file's entries, loaded once
+_warned_cache = False
+
+
+def autotune(enabled: Optional[bool] = True) -> None:
+    """Turn autotuning of "auto" on or off for this process (``None``: back to the environment
+    variable ``SHARNN_FAST_AUTOTUNE``, else off)."""
+    global _enabled
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    value = os.environ.get(ENV_SWITCH, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"environment variable {ENV_SWITCH} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def may_tune_now(device: torch.device) -> bool:
+    """Never inside torch.compile's tracing or a CUDA graph capture."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def pow2(n: int) -> int:
+    """n rounded up to a power of two (the shape bucket of a length, a batch or a token count)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys and the cache file
+# ---------------------------------------------------------------------------------------------------
+_environments: dict[str, dict] = {}
+
+
+def environment(device: torch.device) -> dict:
+    """Everything besides the shapes that can change which backend is fastest or correct (read
+    once per device and process)."""
+    if str(device) not in _environments:
+        _environments[str(device)] = _read_environment(device)
+    return _environments[str(device)]
+
+
+def _read_environment(device: torch.device) -> dict:
+    from . import __version__
+    env = dict(sharnn_fast=__version__, torch=torch.__version__, python=platform.python_version())
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        env.update(device=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                   driver=_cuda_driver_version())
+    else:
+        env.update(device=_cpu_name(), threads=torch.get_num_threads(),
+                   capability=torch.backends.cpu.get_cpu_capability())
+    return env
+
+
+def _cuda_driver_version():
+    getter = getattr(torch._C, "_cuda_getDriverVersion", None)
+    return getter() if getter is not None else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def tuning_key(op: str, device: torch.device, dtype: torch.dtype, bucket: tuple, dropout: bool,
+               backward: bool) -> str:
+    fields = dict(op=op, dtype=str(dtype).replace("torch.", ""), bucket=list(bucket), dropout=dropout,
+                  backward=backward, env=environment(device))
+    return json.dumps(fields, sort_keys=True)
+
+
+def cache_dir() -> Path:
+    override = os.environ.get(ENV_CACHE_DIR)
+    if override:
+        return Path(override)
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "sharnn_fast"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "sharnn_fast"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sharnn_fast"
+
+
+def cache_path() -> Path:
+    return cache_dir() / CACHE_FILE
+
+
+def _load_disk() -> dict:
+    global _disk, _warned_cache
+    if _disk is not None:
+        return _disk
+    path = cache_path()
+    _disk = {}
+    if not path.exists():
+        return _disk
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(f"not a version-{VERSION} {FORMAT} file")
+        entries = data["entries"]
+        if not isinstance(entries, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("backend"), str) for v in entries.values()):
+            raise ValueError("malformed entries")
+        _disk = entries
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        if not _warned_cache:
+            warnings.warn(f"ignoring the autotune cache {path} ({err}); it will be rewritten",
+                          stacklevel=4)
+            _warned_cache = True
+    return _disk
+
+
+def _save_disk() -> None:
+    path = cache_path()
+    data = dict(format=FORMAT, version=VERSION, entries=_load_disk())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", suffix=".tmp",
+                                         delete=False) as tmp:
+            json.dump(data, tmp, indent=1, sort_keys=True)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except OSError as err:
+        log.warning("could not write the autotune cache %s: %s", path, err)
+
+
+def clear_autotune_cache() -> None:
+    """Forget every tuned choice, in this process and on disk."""
+    global _disk
+    _choices.clear()
+    _disk = {}
+    try:
+        cache_path().unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------------
+def choose(op: str, implementations: Mapping, device: torch.device, args: tuple, dtype: torch.dtype,
+           bucket: tuple, dropout: bool, deterministic: Callable[[tuple], tuple]) -> tuple[str, str]:
+    """(backend, explanation) for these arguments: a choice made before in this process, one from
+    the cache file, or a new measurement. Call only when :func:`enabled` and :func:`may_tune_now`."""
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args))
+    fast_key = (op, str(device), dtype, bucket, dropout, backward)
+    if fast_key not in _choices:
+        key = tuning_key(op, device, dtype, bucket, dropout, backward)
+        entry = _load_disk().get(key)
+        if entry is not None and entry["backend"] in implementations:
+            _choices[fast_key] = entry, "from the cache"
+        else:
+            entry = tune(op, key, implementations, device, args, deterministic, backward)
+            _choices[fast_key] = entry, "measured now"
+    entry, where = _choices[fast_key]
+    return entry["backend"], describe(entry, where)
+
+
+def tune(op: str, key: str, implementations: Mapping, device: torch.device, args: tuple,
+         deterministic: Callable[[tuple], tuple], backward: bool) -> dict:
+    """Check and time every backend that can run ``args``; returns the cache entry
+    ``{"backend", "times_ms", "excluded"}``."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        runnable = {}
+        excluded = {}
+        for name, impl in implementations.items():
+            reason = impl.why_not(*args)
+            if reason is None:
+                runnable[name] = impl
+            else:
+                excluded[name] = f"cannot run: {reason}"
+        check_name = next((n for n in CHECK_BACKENDS if n in runnable), None)
+        times = {}
+        if check_name is not None:
+            check_args = deterministic(args)
+            expected = _outputs_and_grads(runnable[check_name], check_args, backward)
+            for name, impl in runnable.items():
+                if name != check_name:
+                    try:
+                        error = _relative_error(_outputs_and_grads(impl, check_args, backward), expected)
+                    except Exception as err:  # noqa: BLE001: a kernel that raises is excluded, not fatal
+                        excluded[name] = f"raised {type(err).__name__}: {err}"
+                        continue
+                    bound = TOLERANCE.get(_dtype_of(args), 3e-3)
+                    if not error <= bound:
+                        excluded[name] = f"disagrees with {check_name}: relative error {error:.3g} > {bound:.3g}"
+                        continue
+                times[name] = _median_ms(impl, args, backward, device)
+    for name, why in excluded.items():
+        if why.startswith(("disagrees", "raised")):
+            warnings.warn(f"autotune excluded backend {name!r} for {op}: {why}", stacklevel=5)
+    if not times:
+        raise RuntimeError(f"autotune found no backend that can run {op} correctly here: {excluded}")
+    best = min(times, key=times.get)
+    entry = dict(backend=best, times_ms={n: round(t, 4) for n, t in times.items()}, excluded=excluded)
+    _load_disk()[key] = entry
+    _save_disk()
+    log.info("autotune %s: %s (%s)", op, best, entry)
+    return entry
+
+
+def describe(entry: dict, where: str) -> str:
+    """The explain() text of a tuned choice (times in ms, fastest first; excluded backends)."""
+    times = ", ".join(f"{n} {t:.3g} ms" for n, t in sorted(entry["times_ms"].items(), key=lambda i: i[1]))
+    text = f"autotuned ({where}): {times}"
+    bad = {n: why for n, why in entry["excluded"].items() if not why.startswith("cannot run")}
+    if bad:
+        text += "; excluded " + "; ".join(f"{n} ({why})" for n, why in bad.items())
+    return text
+
+
+def _dtype_of(args) -> torch.dtype:
+    from .ops._dtypes import compute_dtype
+    return compute_dtype(next(a for a in args if torch.is_tensor(a)))
+
+
+def _detached_copies(args, requires_grad: bool):
+    def copy(a):
+        if torch.is_tensor(a):
+            return a.detach().clone().requires_grad_(requires_grad and a.is_floating_point())
+        if isinstance(a, (tuple, list)):
+            return type(a)(copy(x) for x in a)
+        return a
+    return tuple(copy(a) for a in args)
+
+
+def _tensors(tree):
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for x in tree for t in _tensors(x)]
+    return []
+
+
+def _outputs_and_grads(impl, args, backward: bool) -> list:
+    """The outputs of one call on fresh copies, then (with ``backward``) the gradients of every
+    input tensor for a fixed pseudo-random cotangent."""
+    leaves = _detached_copies(args, backward)
+    with torch.set_grad_enabled(backward):
+        outputs = _tensors(impl.run(*leaves))
+        results = [o.detach() for o in outputs]
+        if backward:
+            inputs = [t for t in _tensors(leaves) if t.requires_grad]
+            cotangents = [_fixed_cotangent(o) for o in outputs]
+            grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+            results += [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+    return results
+
+
+def _fixed_cotangent(t):
+    """A deterministic, non-trivial cotangent shaped like t (no random numbers drawn)."""
+    n = t.numel()
+    return torch.sin(torch.arange(n, device=t.device, dtype=torch.float32) * 0.7).view(t.shape).to(t.dtype)
+
+
+def _relative_error(got: list, expected: list) -> float:
+    worst = 0.0
+    for a, b in zip(got, expected):
+        a, b = a.double(), b.double()
+        if a.shape != b.shape:
+            return math.inf
+        scale = b.abs().max().clamp_min(1e-6)
+        diff = (a - b).abs().max() / scale
+        worst = max(worst, diff.item() if torch.isfinite(diff) else math.inf)
+    return worst
+
+
+def _median_ms(impl, args, backward: bool, device: torch.device) -> float:
+    leaves = _detached_copies(args, backward)
+    inputs = [t for t in _tensors(leaves) if t.requires_grad]
+
+    def call():
+        with torch.set_grad_enabled(backward):
+            outputs = _tensors(impl.run(*leaves))
+            if backward:
+                torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs], allow_unused=True)
+
+    call()  # warm-up: caches, allocator, kernel compilation
+    samples = []
+    for _ in range(TIMED_CALLS):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def autotune_model(model, example_tokens, **forward_kwargs) -> str:
+    """Tune every op of one forward and backward of ``model`` on ``example_tokens`` [T, B] now,
+    so that training starts with its choices made (and cached). The model's parameters, their
+    gradients and the random number generators are left as they were; autotuning is on for the
+    call whatever the switch says. Returns :func:`sharnn_fast.explain`'s report.
+
+    Tune with the segment length, batch size, dtype (autocast) and mode (``model.train()`` or
+    ``eval()``) that training will use: each is part of the key.
+    """
+    from .backend import explain
+    global _enabled
+    device = example_tokens.device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    saved_grads = {p: p.grad for p in model.parameters()}
+    previous = _enabled
+    _enabled = True
+    try:
+        with torch.random.fork_rng(devices=devices):
+            h = model(example_tokens, **forward_kwargs)[0]
+            if torch.is_grad_enabled() and h.requires_grad:
+                model.decoder(h).float().logsumexp(-1).mean().backward()
+    finally:
+        _enabled = previous
+        for p, g in saved_grads.items():
+            p.grad = g
+    return explain()

@@ -1,0 +1,212 @@
+"""Autotuned "auto": a checked, timed, cached choice per op, device, dtype and shape bucket.
+
+On CPU the candidates are "reference", "torch" and (under TRITON_INTERPRET=1) "triton"."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sharnn_fast
+from sharnn_fast import autotuning, backend, ops
+from sharnn_fast.ops.boom.reference import boom_reference
+
+boom_module = importlib.import_module("sharnn_fast.ops.boom")  # the package; ops.boom is the function
+
+
+@pytest.fixture(autouse=True)
+def fresh_tuner(tmp_path, monkeypatch):
+    """Every test starts with tuning off, nothing chosen and an empty cache directory of its own."""
+    monkeypatch.setenv(autotuning.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(autotuning.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+
+    def reset():
+        autotuning._choices.clear()
+        autotuning._disk = None
+        autotuning._warned_cache = False
+        autotuning._enabled = None
+    reset()
+    yield
+    reset()
+
+
+def boom_inputs(requires_grad=False):
+    x = torch.randn(37, 3, 16, requires_grad=requires_grad)
+    return x, 0.3 * torch.randn(48, 16), 0.1 * torch.randn(48)
+
+
+def test_off_by_default_and_switched_on_by_call_or_environment(monkeypatch):
+    assert not autotuning.enabled()
+    ops.boom(*boom_inputs())
+    assert "static preference" in sharnn_fast.explain()
+    monkeypatch.setenv(autotuning.ENV_SWITCH, "1")
+    assert autotuning.enabled()
+    sharnn_fast.autotune(False)
+    assert not autotuning.enabled()
+    monkeypatch.setenv(autotuning.ENV_SWITCH, "yes")
+    sharnn_fast.autotune(None)
+    with pytest.raises(ValueError, match="SHARNN_FAST_AUTOTUNE must be 0 or 1"):
+        autotuning.enabled()
+
+
+def test_a_tuned_choice_is_made_explained_and_cached():
+    sharnn_fast.autotune(True)
+    ops.boom(*boom_inputs())
+    report = sharnn_fast.explain()
+    assert "boom:" in report and "autotuned (measured now)" in report
+    assert "torch" in report and "reference" in report and " ms" in report
+    entries = json.loads(autotuning.cache_path().read_text())["entries"]
+    assert len(entries) == 1
+    (key, entry), = entries.items()
+    assert json.loads(key)["bucket"] == [128, 16, 48, True]  # 111 tokens -> 128; widths exact
+    assert entry["backend"] in ("reference", "torch", "triton")
+    # Same bucket (another token count up to 128), same choice, nothing measured again.
+    ops.boom(torch.randn(100, 16), *boom_inputs()[1:])
+    assert len(json.loads(autotuning.cache_path().read_text())["entries"]) == 1
+    # A backward, or another width, is another key.
+    x, w, b = boom_inputs(requires_grad=True)
+    ops.boom(x, w, b).sum().backward()
+    assert len(json.loads(autotuning.cache_path().read_text())["entries"]) == 2
+
+
+def test_a_wrong_backend_is_excluded_and_named(monkeypatch):
+    def planted(x, weight, bias, dropout_p=0.0, training=False):
+        return 1.01 * boom_reference(x, weight, bias, dropout_p, training)  # 1% off
+
+    monkeypatch.setitem(boom_module.IMPLEMENTATIONS, "planted", backend.Implementation(planted))
+    sharnn_fast.autotune(True)
+    with pytest.warns(UserWarning, match=r"autotune excluded backend 'planted' for boom: disagrees with torch"):
+        y = ops.boom(*boom_inputs())
+    report = sharnn_fast.explain()
+    assert "excluded planted (disagrees with torch: relative error" in report
+    assert not report.startswith("boom: planted")
+    entry, = json.loads(autotuning.cache_path().read_text())["entries"].values()
+    assert entry["backend"] != "planted" and "planted" not in entry["times_ms"]
+    assert torch.isfinite(y).all()
+
+
+def test_a_backend_that_raises_is_excluded(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("illegal memory access (simulated)")
+    monkeypatch.setitem(boom_module.IMPLEMENTATIONS, "broken", backend.Implementation(broken))
+    sharnn_fast.autotune(True)
+    with pytest.warns(UserWarning, match="'broken' for boom: raised RuntimeError: illegal memory access"):
+        ops.boom(*boom_inputs())
+
+
+@pytest.mark.parametrize("op", ["boom", "lstm", "attention"])
+def test_tuning_changes_neither_results_nor_random_stream_nor_gradients(op):
+    """The first, tuning call gives exactly what the chosen backend gives untuned: the same output,
+    the same gradients, and the same next random numbers (dropout on, in training)."""
+    def call(backend_name):
+        torch.manual_seed(5)
+        if op == "boom":
+            x, w, b = boom_inputs(requires_grad=True)
+            y = ops.boom(x, w, b, dropout_p=0.3, training=True, backend=backend_name)
+            leaves = [x]
+        elif op == "attention":
+            q, k = torch.randn(5, 2, 8, requires_grad=True), torch.randn(9, 2, 8, requires_grad=True)
+            y = ops.attention(q, k, k, dropout_p=0.2, training=True, backend=backend_name)
+            leaves = [q, k]
+        else:
+            x = torch.randn(6, 2, 8, requires_grad=True)
+            w = [0.3 * torch.randn(32, 8), 0.3 * torch.randn(32, 8), torch.zeros(32), torch.zeros(32)]
+            y = ops.lstm(x, *w, backend=backend_name)[0]
+            leaves = [x]
+        grads = torch.autograd.grad((y * y).sum(), leaves)
+        return y.detach(), grads, torch.rand(4)
+
+    sharnn_fast.autotune(True)
+    tuned = call(None)
+    chosen = sharnn_fast.explain().split(f"{op}: ")[1].split(" ")[0]
+    sharnn_fast.autotune(False)
+    untuned = call(chosen)
+    assert torch.equal(tuned[0], untuned[0])
+    assert all(torch.equal(a, b) for a, b in zip(tuned[1], untuned[1]))
+    assert torch.equal(tuned[2], untuned[2]), "tuning moved the random number stream"
+
+
+_IN_A_NEW_PROCESS = """
+import torch, sharnn_fast
+from sharnn_fast import ops
+ops.boom(torch.randn(37, 16), 0.3 * torch.randn(48, 16), torch.zeros(48))
+print(sharnn_fast.explain())
+"""
+
+
+def test_the_cache_survives_a_new_process_and_is_rejected_when_versions_change(tmp_path):
+    env = dict(os.environ, SHARNN_FAST_AUTOTUNE="1", SHARNN_FAST_CACHE_DIR=str(tmp_path / "shared"))
+    env.pop("TRITON_INTERPRET", None)  # the new processes have no interpreter: reference and torch
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", _IN_A_NEW_PROCESS], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert "autotuned (measured now)" in run()
+    assert "autotuned (from the cache)" in run()
+    # Another sharnn_fast version (or torch, Triton, driver, device): the entry does not apply.
+    path = tmp_path / "shared" / autotuning.CACHE_FILE
+    data = json.loads(path.read_text())
+    data["entries"] = {k.replace('"sharnn_fast": "', '"sharnn_fast": "0.0.0-'): v
+                       for k, v in data["entries"].items()}
+    path.write_text(json.dumps(data))
+    assert "autotuned (measured now)" in run()
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "something else"}),
+                                     json.dumps({"format": "sharnn_fast.autotune", "version": 1,
+                                                 "entries": {"k": {"no": "backend"}}})])
+def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rewritten(content):
+    path = autotuning.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    sharnn_fast.autotune(True)
+    with pytest.warns(UserWarning, match="ignoring the autotune cache"):
+        ops.boom(*boom_inputs())
+    data = json.loads(path.read_text())
+    assert data["format"] == "sharnn_fast.autotune" and len(data["entries"]) == 1
+
+
+def test_clear_autotune_cache():
+    sharnn_fast.autotune(True)
+    ops.boom(*boom_inputs())
+    assert autotuning.cache_path().exists()
+    sharnn_fast.clear_autotune_cache()
+    assert not autotuning.cache_path().exists()
+    ops.boom(*boom_inputs())
+    assert "measured now" in sharnn_fast.explain()
+
+
+def test_nothing_is_tuned_while_compiling():
+    sharnn_fast.autotune(True)
+    backend.preload("torch")
+    w, b = 0.3 * torch.randn(48, 16), torch.zeros(48)
+    compiled = torch.compile(lambda x: ops.boom(x, w, b), fullgraph=True, backend="eager")
+    compiled(torch.randn(5, 16))
+    assert not autotuning.cache_path().exists()
+    assert not autotuning._choices
+
+
+def test_autotune_model_tunes_every_op_up_front_and_leaves_the_model_alone():
+    model = sharnn_fast.SHARNN("LSTM", 30, 16, 32, 2, dropout=0.1, dropouth=0.1, dropouti=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = torch.randint(0, 30, (12, 2))
+    torch.manual_seed(3)
+    expected_next = torch.rand(3)
+    torch.manual_seed(3)
+    report = sharnn_fast.autotune_model(model, tokens)
+    assert torch.equal(torch.rand(3), expected_next)
+    for op in ("lstm", "attention", "boom"):
+        assert f"{op}: " in report and "autotuned" in report.split(f"{op}: ")[1].split("\n")[0]
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not autotuning.enabled(), "autotune_model turned tuning on for good"
+    sharnn_fast.autotune(True)
+    model(torch.randint(0, 30, (12, 2)))[0].sum().backward()  # training then reuses the choices
+    assert "measured now" in sharnn_fast.explain() or "in this process" in sharnn_fast.explain()
