@@ -466,16 +466,24 @@ def _config_text(row: dict) -> str:
     return " ".join(parts)
 
 
+def _precision_text(row: dict) -> str:
+    """The tl.dot input precision where it applies (float32 inputs); 16-bit inputs multiply natively."""
+    if not row.get("dot_precision"):
+        return ""
+    return row["dot_precision"] if row["dtype"] == "float32" else "native"
+
+
 def markdown(arch: str, rows: list[dict], found: list[str], meta: dict) -> str:
     lines = [f"# Compile report, {arch}",
              "",
              f"`{meta['command']}` on {meta['date']} (git {meta['git']}, Triton {meta['triton']}, "
              f"torch {meta['torch']}); no GPU: compiled for the target, not run. "
-             "Regs: registers per thread; smem: shared memory per block (bytes); stack: stack frame "
-             "(bytes); local st/ld: local-memory instructions (spills); wgmma/mma: tensor-core "
-             "instructions; 16B/narrow: global loads 16 bytes wide / narrower; at: the sizes whose "
-             "launches compile to this kernel (paper, tests). HOT kernels must not spill "
-             "(tools/compile_report.py, HOT).",
+             "Regs: registers per thread; smem: shared memory per block (bytes; for the cuda kernels "
+             "only the static part, their dynamic shared memory is sized at launch); stack: stack frame "
+             "(bytes); local st/ld: local-memory instructions (spills); prec: tl.dot input precision; "
+             "wgmma/mma: tensor-core instructions; 16B/narrow: global loads 16 bytes wide / narrower; "
+             "at: the sizes whose launches compile to this kernel (paper, tests). HOT kernels must not "
+             "spill (tools/compile_report.py, HOT).",
              ""]
     lines += ["## Verdict", ""]
     lines += [f"- {line}" for line in found] or ["- no compile errors, no spills in hot kernels"]
@@ -493,7 +501,7 @@ def markdown(arch: str, rows: list[dict], found: list[str], meta: dict) -> str:
             continue
         lines.append(
             f"| {row['kernel']} | {row['dtype']} | {'p' if row['dropout'] else ''} | {_config_text(row)} | "
-            f"{row.get('dot_precision') or ''} | {row['registers']} | {row['shared']} | {row['stack']} | "
+            f"{_precision_text(row)} | {row['registers']} | {row['shared']} | {row['stack']} | "
             f"{row.get('local_stores', '')}/{row.get('local_loads', '')} | {row.get('wgmma', '')} | "
             f"{row.get('mma', '')} | {row.get('loads_16B', '')} | {row.get('loads_narrow', '')} | "
             f"{row.get('instructions', '')} | {','.join(row['used_at'])} | {hot} |")
