@@ -15,7 +15,8 @@ LSTM bitwise reproducible at the paper's size?
 With --device cpu (gpu_check.sh --dry-run) the same steps run on CPU: the triton kernels in
 Triton's interpreter, the cuda backend reported as unavailable, and the reproducibility loop with
 the "torch" backend at a small size, so that every line of this script runs without a GPU.
-Prints one line per check and exits with 1 if any check failed. Expected time on an H200: about
+Prints one line per check (a crash's traceback goes to the --json file) and exits with 1 if any
+check failed. Expected time on an H200: about
 30 s, most of it compiling the eight Triton kernels.
 """
 from __future__ import annotations
@@ -108,8 +109,8 @@ def smoke_calls(device) -> list[dict]:
                 # Unavailable is a failure on a GPU (everything must run there), a note on CPU.
                 row.update(status="FAIL" if device.type == "cuda" else "unavailable", detail=str(err)[:300])
             except Exception as err:  # a crash is this step's finding: name it and go on
-                row.update(status="FAIL", detail=f"{type(err).__name__}: {str(err)[:300]}")
-                traceback.print_exc()
+                row.update(status="FAIL", detail=f"{type(err).__name__}: {str(err)[:300]}",
+                           traceback=traceback.format_exc())
             row["seconds"] = round(time.perf_counter() - started, 2)
             results.append(row)
             print(f"smoke {row['check']:<22} {row['status']:<11} {row['seconds']:>6.2f} s  {row['detail']}",
@@ -130,7 +131,7 @@ def reproducibility(device, repeats: int) -> dict:
         ("x", (T, B, I), 1.0), ("weight_ih", (4 * H, I), H ** -0.5), ("weight_hh", (4 * H, H), H ** -0.5),
         ("bias_ih", (4 * H,), 0.1), ("bias_hh", (4 * H,), 0.1)]}
     check = f"lstm {backend} {dtype} T{T} B{B} H{H} x{repeats} bitwise"
-    started = time.perf_counter()
+    started, trace = time.perf_counter(), None
     try:
         first = forward_backward("lstm", backend, inputs)
         differing = []
@@ -143,8 +144,10 @@ def reproducibility(device, repeats: int) -> dict:
         detail = "all runs identical" if not differing else "differs: " + ", ".join(differing[:6])
     except Exception as err:  # a crash is this step's finding
         status, detail = "FAIL", f"{type(err).__name__}: {str(err)[:300]}"
-        traceback.print_exc()
+        trace = traceback.format_exc()
     row = dict(check=check, status=status, detail=detail, seconds=round(time.perf_counter() - started, 2))
+    if trace:
+        row["traceback"] = trace
     print(f"smoke {check} {status} {row['seconds']:.2f} s  {detail}", flush=True)
     return row
 
