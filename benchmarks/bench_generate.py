@@ -83,3 +83,35 @@ def test_generate(bench, device, B_index):
             {"published loop": published_step, "generate": our_step},
             baseline="published loop", size=dict(shape, memory=P),
             work=dict(tokens=B, bytes=decode_bytes(ours, P + 1, B), steps=1))
+
+
+_FIRST_FORWARD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+if {published}:
+    from published_sharnn import PublishedSHARNN as Model
+else:
+    from sharnn_fast import SHARNN as Model
+model = Model("LSTM", 256, 64, 256, 3).eval()
+with torch.no_grad():
+    model(torch.randint(0, 256, (16, 1)))
+"""
+
+
+def test_first_forward_in_a_fresh_process(bench, device):
+    """What a user of generate.py waits for before the first token: a new Python process that
+    imports the model, builds a small one and runs one forward (CPU, whatever the machine has)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+
+    def fresh_process(published):
+        script = _FIRST_FORWARD.format(tests=tests, published=published)
+        return lambda: subprocess.run([sys.executable, "-c", script], check=True)
+
+    bench.compare("first forward in a fresh process",
+                  {"published": fresh_process(True), "sharnn_fast": fresh_process(False)},
+                  baseline="published", size=dict(B=1, T=16, d=64, F=256, layers=3, dtype="float32"),
+                  budget="model")
