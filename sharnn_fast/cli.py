@@ -67,6 +67,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     for flag, kind, text in (
             ("--emsize", _positive_int, "embedding width d"), ("--nhid", _positive_int, "Boom width"),
             ("--nlayers", _positive_int, "blocks"), ("--bptt", _positive_int, "sequence length in bytes"),
+            ("--memory", _positive_int, "attention memory in positions (published: 5000)"),
             ("--batch_size", _positive_int, "columns per process (global batch = this x processes)"),
             ("--lr", float, "peak learning rate"), ("--warmup", int, "linear warmup steps"),
             ("--clip", float, "gradient norm clip (0: off)"), ("--dropout", float, "after the last block"),

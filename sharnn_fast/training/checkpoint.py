@@ -8,7 +8,8 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
   (``ntoken`` = 256 bytes, ``emsize``, ``nhid``, ``nlayers``, ``attn_layers``: None for the
   published second-to-last block, ``"all"``, or a tuple of block indices) and dropouts rebuild the
   model: ``SHARNN("LSTM", ntoken, emsize, nhid, nlayers, dropout, dropouth, dropouti,
-  attn_layers=...)``.
+  attn_layers=...)``, then ``model.num_max_positions = memory`` (the attention memory, 5000 as
+  published; smaller in the tiny preset).
 - ``model``: the SHARNN ``state_dict`` (the published model's parameter names and shapes; the
   parameters' dtype, float32 unless trained otherwise).
 - ``optimizer``: the optimizer's ``state_dict`` (LAMB: ``exp_avg``, ``exp_avg_sq`` per parameter).

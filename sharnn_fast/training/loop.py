@@ -151,7 +151,8 @@ class Trainer:
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
         self.model = build_model(c).to(self.device)
-        self.optimizer = build_optimizer(c.optimizer, self.model.parameters(), lr=c.lr, weight_decay=c.wdecay)
+        self.parameters = list(self.model.parameters())  # listed once: walking the modules every step costs
+        self.optimizer = build_optimizer(c.optimizer, self.parameters, lr=c.lr, weight_decay=c.wdecay)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.lengths = torch.Generator().manual_seed(c.seed)  # identical on every rank
         torch.manual_seed(c.seed + ctx.rank)  # dropout: each rank its own masks
@@ -299,7 +300,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if c.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip)
+            torch.nn.utils.clip_grad_norm_(self.parameters, c.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -460,7 +461,7 @@ class Trainer:
             tokens=self.tokens, elapsed_s=elapsed, tokens_per_s=self.tokens / max(elapsed, 1e-9),
             data=self.data_description,
             model=(f"preset {c.preset}: emsize {c.emsize}, nhid {c.nhid}, {c.nlayers} layers, attention in "
-                   f"block{'s' if len(attn) != 1 else ''} {', '.join(map(str, attn)) or 'none'}, "
+                   f"block{'s' if len(attn) != 1 else ''} {', '.join(map(str, attn)) or 'none'} (memory {c.memory}), "
                    f"{n_params / 1e6:.2f} M parameters; {c.optimizer}, {self.precision}, {self.device}, "
                    f"{self.ctx.world_size} process{'es' if self.ctx.world_size > 1 else ''}"),
             valid_bpc=valid["bpc"] if valid else None, test_bpc=test["bpc"] if test else None,

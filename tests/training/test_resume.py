@@ -115,3 +115,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
             out.write(b"half of the new")
             raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_bf16_autocast_on_cpu_trains_and_checkpoints_float32_weights(tmp_path, corpus_file):
+    summary = run(corpus_file, tmp_path, max_steps=3, precision="bf16")
+    assert "bf16" in summary["model"] and math.isfinite(summary["valid_bpc"])
+    weights = read_checkpoint(tmp_path / "last.pt")["model"]
+    assert all(v.dtype == torch.float32 for v in weights.values())  # autocast: the weights stay fp32
