@@ -18,7 +18,7 @@ _spec.loader.exec_module(report)
 
 def row(kernel, dtype="bfloat16", arch="sm_90a", **figures):
     base = dict(kernel=kernel, dtype=dtype, arch=arch, dropout=False, config={}, flags={}, registers=64,
-                stack=0, local=0, local_stores=0, local_loads=0)
+                shared=49152, stack=0, local=0, local_stores=0, local_loads=0)
     return dict(base, **figures)
 
 
@@ -30,6 +30,13 @@ def test_a_spill_fails_only_in_a_hot_kernel_and_names_the_reason():
     found = report.findings(rows)
     assert len(found) == 1 and found[0].startswith("spill in a hot kernel: boom_bwd_dz_kernel sm_90a")
     assert "hot because" in found[0] and "stack 16 B" in found[0]
+
+
+def test_shared_memory_over_the_arch_limit_fails_in_any_kernel():
+    # 200 KB fits an H200's 227 KB per block, not an A100's 163 KB.
+    found = report.findings([row("attention_bwd_delta_kernel", arch=arch, shared=200 * 1024)
+                             for arch in ("sm_90a", "sm_80")])
+    assert len(found) == 1 and found[0].startswith("shared memory over the limit: attention_bwd_delta_kernel sm_80")
 
 
 def test_a_compile_error_always_fails():

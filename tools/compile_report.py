@@ -15,7 +15,8 @@ CUDA kernels: the resources of the installed extension sharnn_fast._C, read with
 machine code the native build embedded for each arch (the figures ``nvcc -Xptxas -v`` prints).
 
 Writes benchmarks/results/compile_sm<arch>.md and .json, prints a summary, and exits with 1 if any
-kernel fails to compile or a kernel listed in HOT spills (HOT says why each must not), 2 on bad
+kernel fails to compile or needs more shared memory than the arch has, or a kernel listed in HOT
+spills (HOT says why each must not), 2 on bad
 arguments, a missing tool or an error of the tool itself. Expected time on 2 idle CPU cores: about
 3 minutes with an empty Triton cache (6 minutes measured on 2 cores shared with other work), less
 with a warm one (TRITON_CACHE_DIR, default ~/.triton/cache).
@@ -73,6 +74,9 @@ HOT = [
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ARCH_NAMES = {90: "sm_90a", 80: "sm_80"}
+# Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): the H100/H200 and the
+# A100. Triton checks it only when a kernel is loaded on a device, so the report checks it here.
+SHARED_LIMIT = {"sm_90a": 232448, "sm_80": 166912}
 
 
 def hot_reason(kernel: str, dtype: str, arch: str) -> Optional[str]:
@@ -447,12 +451,16 @@ def spills(row: dict) -> bool:
 
 
 def findings(rows: list[dict]) -> list[str]:
-    """Every compile error, and every spill in a HOT kernel, one line each."""
+    """Every compile error, every kernel that needs more shared memory than its arch has, and every
+    spill in a HOT kernel, one line each."""
     found = []
     for row in rows:
         where = f"{row['kernel']} {row['arch']} {row['dtype']}{' dropout' if row['dropout'] else ''}"
         if "error" in row:
             found.append(f"compile error: {where}: {row['error']}")
+        elif row["shared"] > SHARED_LIMIT[row["arch"]]:
+            found.append(f"shared memory over the limit: {where} {_config_text(row)}: {row['shared']} B, "
+                         f"{row['arch']} allows {SHARED_LIMIT[row['arch']]} B per block")
         elif spills(row) and (reason := hot_reason(row["kernel"], row["dtype"], row["arch"])):
             found.append(f"spill in a hot kernel: {where} {_config_text(row)}: stack {row['stack']} B, "
                          f"{row['local_stores']} local stores, {row['local_loads']} local loads "

@@ -122,7 +122,8 @@ run_test_file() {  # FILE LOG [extra pytest arguments]: one pytest process, capp
   local cap=$(( tests_deadline - $(date +%s) ))
   (( cap > per_file_cap )) && cap=$per_file_cap
   if (( cap < 10 )); then echo "NOT RUN: the tests phase's time was spent" >"$log"; return 0; fi
-  capped "$cap" "$log" $pyP -m pytest "$file" -m gpu -q -rfE -p no:cacheprovider "${plugins[@]}" "$@"
+  # -v: one line per test, so a file cut off by its cap still shows what passed and failed.
+  capped "$cap" "$log" $pyP -m pytest "$file" -m gpu -v -rfE -p no:cacheprovider "${plugins[@]}" "$@"
   echo "exit status $?" >>"$log"
 }
 for file in "${test_files[@]}"; do
@@ -140,8 +141,11 @@ wait
 for log in "$logs"/test_*.log; do
   name=$(basename "$log" .log); name=${name#test_}
   status=$(sed -n 's/^exit status //p' "$log" | tail -n 1)
-  result=$(grep -E "(passed|failed|error|skipped|deselected|no tests ran)" "$log" | tail -n 1)
-  grep -q "^TIMEOUT" "$log" && result="TIMEOUT; $result"
+  result=$(grep -E '^=* ?[0-9]+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed)|no tests ran' "$log" \
+    | tail -n 1 | tr -d '=')
+  if grep -q "^TIMEOUT" "$log"; then
+    result="TIMEOUT after $(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed"
+  fi
   grep -q "^NOT RUN" "$log" && result="NOT RUN (phase time spent)" && status=1
   printf '%-28s %s\n' "$name" "${result:-no result (exit status ${status:-?})}" >>"$logs/tests_summary.txt"
   case "${status:-1}" in 0|5) ;; *) fail "tests: $name" ;; esac
