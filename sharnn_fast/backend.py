@@ -111,6 +111,7 @@ CUDA_HINT = "the cuda backend needs sharnn_fast built with nvcc (see sharnn_fast
 
 _process_backend: Optional[str] = None
 _last_choice: dict[str, str] = {}
+_last_path: dict[str, tuple[Optional[str], str]] = {}  # op -> (the choice it ran under, its path)
 
 
 def validate_backend(name, argument: str = "backend") -> str:
@@ -248,8 +249,24 @@ def _record(op: str, name: str, why: str) -> None:
         log.debug(line)
 
 
+def note_path(op: str, describe: Callable[[], str]) -> None:
+    """For an implementation with more than one path (the triton attention: flash kernel or
+    materialised scores): ``describe()`` says which one runs and why; explain() adds it to the op's
+    line while the same choice stands. Not called under torch.compile tracing."""
+    if torch.compiler.is_compiling():
+        return
+    entry = (_last_choice.get(op), describe())
+    if _last_path.get(op) != entry:
+        _last_path[op] = entry
+        log.debug(f"{op}: {entry[1]}")
+
+
 def explain() -> str:
-    """Which implementation ran last for each op, and why."""
+    """Which implementation ran last for each op, and why (and which path, where it has several)."""
     if not _last_choice:
         return "no sharnn_fast op has run yet in this process"
-    return "\n".join(_last_choice[op] for op in sorted(_last_choice))
+    lines = []
+    for op in sorted(_last_choice):
+        choice, path = _last_path.get(op, (None, None))
+        lines.append(_last_choice[op] + (f"; {path}" if choice == _last_choice[op] else ""))
+    return "\n".join(lines)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backend import Implementation
+from ...backend import Implementation, note_path
 from .._kernels import compute_dtype, triton_why_not
 from .._precision import triton_dot_precision
 
@@ -482,13 +482,21 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # The "triton" implementation of ops.attention
 # ------------------------------------------------------------------------------------------------
 
-def attention_triton(q, k, v, dropout_p=0.0, training=False):
-    """ops.attention's arguments -> [Tq, B, dv]. Under autocast, q, k, v are cast to its dtype."""
+def attention_triton(q, k, v, dropout_p=0.0, training=False, path: Optional[str] = None):
+    """ops.attention's arguments -> [Tq, B, dv]. Under autocast, q, k, v are cast to its dtype.
+
+    Heads of at least triton_wide.WIDE_HEAD_MIN_D take the materialised-scores path
+    (triton_wide.py), narrower ones the flash kernel of this file; ``path`` ("flash" or "wide")
+    overrides the choice (benchmarks and tests). explain() says which ran and why."""
     dtype = compute_dtype(q)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     p = float(dropout_p) if training else 0.0
     seed = (torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device) if p > 0.0 else None)
-    return attention_fwd(q, k, v, p, seed)[0]
+    if path not in (None, "flash", "wide"):
+        raise ValueError(f"path must be None, 'flash' or 'wide', got {path!r}")
+    wide = triton_wide.uses_materialised_scores(q.shape[-1]) if path is None else path == "wide"
+    note_path("attention", lambda: triton_wide.describe_path(q, k, v, wide))
+    return (triton_wide.attention_wide_fwd if wide else attention_fwd)(q, k, v, p, seed)[0]
 
 
 def why_not(q, k, v, dropout_p=0.0, training=False) -> Optional[str]:
@@ -496,3 +504,6 @@ def why_not(q, k, v, dropout_p=0.0, training=False) -> Optional[str]:
 
 
 IMPLEMENTATION = Implementation(run=attention_triton, why_not=why_not)
+
+# The materialised-scores path for wide heads, imported last: it takes its helpers from this module.
+from . import triton_wide  # noqa: E402

@@ -1,0 +1,409 @@
+"""The triton backend's attention for wide heads: the scores materialised, cuBLAS for the products.
+
+Same contract as ``triton.py`` (sequence-first q [Tq, B, d], k [Tk, B, d], v [Tk, B, dv], Tk >= Tq,
+scale 1/sqrt(d), causal mask aligned to the end: query i sees keys 0 .. Tk - Tq + i); ``triton.py``'s
+``attention_triton`` sends a head here when it is at least WIDE_HEAD_MIN_D wide.
+
+Forward, per chunk of batch entries and queries (see "Memory" below):
+  S = Q K^T (torch.bmm: cuBLAS on a GPU), float32 [Bc, Tc, Tk'];
+  one Triton kernel per query row: scale, bottom-right causal mask, softmax (base 2, the row's max
+  and sum in fp32 registers), dropout, P written in the input dtype; the row's log-sum-exp (fp32,
+  base 2) kept for backward;
+  O = P V (torch.bmm).
+Backward, per chunk: S = Q K^T again and dP~ = dO V^T (float32, torch.bmm); one Triton kernel per
+query row recomputes P from S and the saved log-sum-exp, regenerates the dropout mask, computes
+delta = rowsum(P~ * dP~) and writes P~ (P after dropout) and dS = P * (dP - delta) / sqrt(d) in the
+input dtype; then dV = P~^T dO, dQ = dS K, dK = dS^T Q (torch.bmm). Tk' = Tk - Tq + (the chunk's last
+query) + 1: keys no query of the chunk sees are never multiplied.
+
+Dtypes, and why:
+- S and dP~ are float32 (cuBLAS accumulates in fp32 and writes fp32; on CPU the operands are widened
+  first, the same values): rounding a score of magnitude |s| to bf16 moves its exponent by up to
+  |s| * 2**-9, about 1% of a weight at |s| = 4, several times the output's own rounding; fp16 scores
+  can overflow; and dS = P (dP - delta) cancels.
+- P, P~ and dS are in the input dtype: they only feed the next products, which take that dtype (the
+  flash kernel rounds P the same way before its dot). float32 inputs write P over S and dS over dP~
+  in place.
+- The row statistics (max, sum, log-sum-exp, delta) are float32.
+- float32 inputs: float32 cuBLAS GEMMs (TF32 only if torch.backends.cuda.matmul.allow_tf32 says so).
+
+Dropout: keep(b, i, j) = philox(seed, (b * Tq + i) * Tk + j) >= p, the flash kernel's own rule
+(``triton._dropout_keep``), so both paths drop the same weights for the same seed, and the backward
+regenerates the mask from the seed instead of storing it.
+
+Memory: a pass's scratch (S, P and in backward dP~, dS, see SCRATCH_BYTES_PER_SCORE) for all of
+[B, Tq, Tk] may be large (12 bytes a score in bf16 backward: 0.98 GB at B 16, Tq 1024, Tk 5000). Above
+SCORES_MEMORY_BUDGET the work is split: first into groups of batch entries, and when one entry
+alone does not fit, into chunks of queries of one entry (dK and dV then add up over the chunks in
+float32 accumulators, counted in the budget). The smallest chunk, one query row of one entry
+(Tk scores), is taken even when it alone exceeds the budget.
+
+Registered as torch.library custom ops ``sharnn_fast::attention_wide_fwd`` / ``attention_wide_bwd``
+with register_fake and register_autograd: torch.compile sees one node each (the kernels are opaque
+to it, like cuBLAS), and the fake implementations give it shapes on any device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dtypes import no_autocast
+from .triton import LOG2_E, _check_lengths, _dropout_keep, _dropout_scale, _new_output
+
+# Heads at least this wide take the materialised path; narrower ones the flash kernel (triton.py).
+# Why 257: up to d = 256 the flash kernel holds a whole head's output tile on chip (one BLOCK_DV
+# chunk, so Q.K^T is computed once) and never writes the Tq x Tk scores: the regime flash attention
+# is built for (FlashAttention itself stops at 256). Above it, the flash kernel recomputes Q.K^T once
+# per 256-wide output chunk (4x in the forward at d = 1024, more in backward) and re-reads Q and K
+# from L2 at every step, while the materialised path's extra traffic (about 12 bytes a score in the
+# forward, 26 in backward, in bf16) is paid once against 4d (forward) or 10d (backward) FLOPs a score,
+# so it costs relatively less the wider the head: at H200 rates (about 990 TFLOP/s bf16, 4.8 TB/s)
+# it adds about 600/d of the forward's GEMM time and 540/d of the backward's. That count puts the
+# crossover between 256 and about 768; 257 follows the kernel's one-chunk limit until a GPU measures
+# both paths (benchmarks/bench_attention.py runs both at d 128 and 1024). Predicted, not measured.
+WIDE_HEAD_MIN_D = 257
+
+# Most bytes of scratch one pass may hold at once (forward or backward; the op's inputs, outputs and
+# saved log-sum-exp are not counted). 1 GiB holds the paper's size (B 16, Tq 1024, Tk 5000, bf16) in
+# one chunk, forward (0.49 GB) and backward (0.98 GB). Tests lower it to force the chunked path.
+SCORES_MEMORY_BUDGET = 1 << 30
+
+# Longest row of scores one program holds in registers in one block; longer rows take two passes
+# over memory (statistics, then the writes). GPU: 8192 covers the paper's Tk = 5000 in one pass, at
+# 16 fp32 values of each row tensor per thread with 16 warps. Interpreter: small, so the tests' short
+# rows take both the one-block and the two-pass code.
+GPU_MAX_BLOCK_N = 8192
+INTERPRETER_MAX_BLOCK_N = 32
+VALUES_PER_THREAD = 16  # fp32 values of one row block per thread: num_warps = BLOCK_N / (32 * this)
+
+
+def scratch_bytes_per_score(dtype: torch.dtype, backward: bool) -> int:
+    """Bytes of scratch per (batch entry, query, key) score: S in fp32 and P in ``dtype`` (written
+    over S for float32), and in backward dP~ and dS as well."""
+    per_product = 4 + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
+    return 2 * per_product if backward else per_product
+
+
+def chunk_plan(B: int, Tq: int, Tk: int, d: int, dv: int, dtype: torch.dtype, backward: bool,
+               budget: Optional[int] = None) -> tuple[int, int]:
+    """(batch entries, queries) per chunk so a pass's scratch stays within ``budget`` bytes
+    (default SCORES_MEMORY_BUDGET). Whole batch entries first: then dK and dV come out of one product
+    each; query chunks (one entry at a time) only when one entry alone does not fit."""
+    budget = SCORES_MEMORY_BUDGET if budget is None else budget
+    score_bytes = scratch_bytes_per_score(dtype, backward)
+    entry_bytes = Tq * Tk * score_bytes
+    if entry_bytes <= budget:
+        return min(B, budget // entry_bytes), Tq
+    accumulators = Tk * (d + dv) * 4 if backward else 0  # fp32 dK, dV of the entry
+    return 1, max(1, min(Tq, (budget - accumulators) // (Tk * score_bytes)))
+
+
+def _chunks(B: int, Tq: int, plan: tuple[int, int]):
+    """(first entry, end entry, [(first query, end query), ...]) for each group of batch entries."""
+    batch_step, query_step = plan
+    queries = [(r, min(r + query_step, Tq)) for r in range(0, Tq, query_step)]
+    return [(b, min(b + batch_step, B), queries) for b in range(0, B, batch_step)]
+
+
+def uses_materialised_scores(d: int) -> bool:
+    return d >= WIDE_HEAD_MIN_D
+
+
+def describe_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wide: bool) -> str:
+    """What explain() says about the path taken for these inputs (``wide``: the materialised
+    path), and why."""
+    Tq, B, d = q.shape
+    if wide != uses_materialised_scores(d):
+        why = "asked for by the caller (path=...)"
+    else:
+        why = f"head width d = {d} {'>=' if wide else '<'} WIDE_HEAD_MIN_D = {WIDE_HEAD_MIN_D}"
+    if not wide:
+        return f"flash kernel: {why}, the scores stay on chip"
+    Tk, dv = k.shape[0], v.shape[-1]
+    plans = []
+    for name, backward in (("forward", False), ("backward", True)):
+        batch_step, query_step = chunk_plan(B, Tq, Tk, d, dv, q.dtype, backward)
+        plans.append(f"{name} in chunks of {batch_step} batch entries x {query_step} queries")
+    return (f"materialised scores: {why}; cuBLAS products and fused Triton softmax; {', '.join(plans)} "
+            f"(budget {SCORES_MEMORY_BUDGET / 2**30:.3g} GiB of scratch)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels: one program per (query row of the chunk, batch entry of the chunk)
+# ------------------------------------------------------------------------------------------------
+# The score buffers are contiguous along keys; rows and entries are addressed with int64 offsets.
+
+@triton.jit
+def _row_scores_log2(s_row, keys, visible, scale_log2):
+    """Scores of a block of one row in base-2 units (S log2(e) / sqrt(d)); -inf where masked."""
+    return tl.load(s_row + keys, mask=keys < visible, other=float("-inf")) * scale_log2
+
+
+@triton.jit
+def _after_dropout(p, seed, batch, Tq, Tk, query, keys, dropout_p, dropout_scale, HAS_DROPOUT: tl.constexpr):
+    if HAS_DROPOUT:
+        p = tl.where(_dropout_keep(seed, batch, Tq, Tk, query, keys, dropout_p), p * dropout_scale, 0.0)
+    return p
+
+
+@triton.jit(do_not_specialize=["first_batch", "first_query"])
+def attention_wide_softmax_fwd_kernel(
+        s_ptr, p_ptr, lse_ptr, seed_ptr, first_batch, first_query, Tq, Tk, row_len,
+        stride_sb, stride_sq, stride_pb, stride_pq, stride_lse_b,
+        scale_log2, dropout_p, dropout_scale,
+        HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """P[entry, row, :row_len] = dropout(softmax(S[entry, row] / sqrt(d), causal)), and the row's
+    log-sum-exp (base 2) into lse[batch, query]. ONE_BLOCK: the row fits one block of registers."""
+    row = tl.program_id(0)
+    entry = tl.program_id(1)
+    query = first_query + row
+    batch = first_batch + entry
+    visible = Tk - Tq + query + 1  # keys 0 .. visible - 1 are seen; visible <= row_len
+    s_row = s_ptr + entry.to(tl.int64) * stride_sb + row.to(tl.int64) * stride_sq
+    p_row = p_ptr + entry.to(tl.int64) * stride_pb + row.to(tl.int64) * stride_pq
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    if ONE_BLOCK:
+        keys = tl.arange(0, BLOCK_N)
+        x = _row_scores_log2(s_row, keys, visible, scale_log2)
+        row_max = tl.max(x, 0)
+        e = tl.exp2(x - row_max)
+        row_sum = tl.sum(e, 0)
+        lse = row_max + tl.log2(row_sum)
+        p = _after_dropout(e / row_sum, seed, batch, Tq, Tk, query, keys, dropout_p, dropout_scale, HAS_DROPOUT)
+        tl.store(p_row + keys, p.to(p_ptr.dtype.element_ty), mask=keys < row_len)
+    else:
+        # Online max and sum over the visible keys, then P block by block (masked keys get 0).
+        row_max = tl.full([], float("-inf"), tl.float32)
+        row_sum = tl.zeros([], tl.float32)
+        for start in range(0, visible, BLOCK_N):
+            x = _row_scores_log2(s_row, start + tl.arange(0, BLOCK_N), visible, scale_log2)
+            new_max = tl.maximum(row_max, tl.max(x, 0))
+            row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(x - new_max), 0)
+            row_max = new_max
+        lse = row_max + tl.log2(row_sum)
+        for start in range(0, row_len, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            p = tl.exp2(_row_scores_log2(s_row, keys, visible, scale_log2) - lse)
+            p = _after_dropout(p, seed, batch, Tq, Tk, query, keys, dropout_p, dropout_scale, HAS_DROPOUT)
+            tl.store(p_row + keys, p.to(p_ptr.dtype.element_ty), mask=keys < row_len)
+    tl.store(lse_ptr + batch.to(tl.int64) * stride_lse_b + query, lse)
+
+
+@triton.jit
+def _row_block_bwd(s_row, dp_row, keys, visible, lse, scale_log2, seed, batch, Tq, Tk, query,
+                   dropout_p, dropout_scale, HAS_DROPOUT: tl.constexpr):
+    """A block of one row: the weights P (0 where masked), P~ = P after dropout, and the gradient
+    reaching P (dP~ through the dropout: dP~ * keep / (1 - p))."""
+    p = tl.exp2(_row_scores_log2(s_row, keys, visible, scale_log2) - lse)
+    dp = tl.load(dp_row + keys, mask=keys < visible, other=0.0)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, batch, Tq, Tk, query, keys, dropout_p)
+        p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    else:
+        p_dropped = p
+    return p, p_dropped, dp
+
+
+@triton.jit(do_not_specialize=["first_batch", "first_query"])
+def attention_wide_softmax_bwd_kernel(
+        s_ptr, dp_ptr, lse_ptr, p_ptr, ds_ptr, seed_ptr, first_batch, first_query, Tq, Tk, row_len,
+        stride_sb, stride_sq, stride_dpb, stride_dpq, stride_pb, stride_pq, stride_dsb, stride_dsq,
+        stride_lse_b, scale, scale_log2, dropout_p, dropout_scale,
+        HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """From S and dP~ = dO V^T (fp32) of one row and its saved log-sum-exp: P~[entry, row] (P after
+    dropout, for dV) and dS[entry, row] = P * (dP - delta) / sqrt(d) (for dQ and dK), where
+    delta = sum_j P~_j dP~_j = rowsum(dO * O). p_ptr / ds_ptr may be s_ptr / dp_ptr (in place)."""
+    row = tl.program_id(0)
+    entry = tl.program_id(1)
+    query = first_query + row
+    batch = first_batch + entry
+    visible = Tk - Tq + query + 1
+    s_row = s_ptr + entry.to(tl.int64) * stride_sb + row.to(tl.int64) * stride_sq
+    dp_row = dp_ptr + entry.to(tl.int64) * stride_dpb + row.to(tl.int64) * stride_dpq
+    p_row = p_ptr + entry.to(tl.int64) * stride_pb + row.to(tl.int64) * stride_pq
+    ds_row = ds_ptr + entry.to(tl.int64) * stride_dsb + row.to(tl.int64) * stride_dsq
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    lse = tl.load(lse_ptr + batch.to(tl.int64) * stride_lse_b + query)
+    if ONE_BLOCK:
+        keys = tl.arange(0, BLOCK_N)
+        p, p_dropped, dp = _row_block_bwd(s_row, dp_row, keys, visible, lse, scale_log2, seed, batch, Tq, Tk,
+                                          query, dropout_p, dropout_scale, HAS_DROPOUT)
+        delta = tl.sum(p * dp, 0)
+        tl.store(p_row + keys, p_dropped.to(p_ptr.dtype.element_ty), mask=keys < row_len)
+        tl.store(ds_row + keys, (p * (dp - delta) * scale).to(ds_ptr.dtype.element_ty), mask=keys < row_len)
+    else:
+        delta = tl.zeros([], tl.float32)
+        for start in range(0, visible, BLOCK_N):
+            p, p_dropped, dp = _row_block_bwd(s_row, dp_row, start + tl.arange(0, BLOCK_N), visible, lse,
+                                              scale_log2, seed, batch, Tq, Tk, query, dropout_p,
+                                              dropout_scale, HAS_DROPOUT)
+            delta += tl.sum(p * dp, 0)
+        for start in range(0, row_len, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            p, p_dropped, dp = _row_block_bwd(s_row, dp_row, keys, visible, lse, scale_log2, seed, batch, Tq,
+                                              Tk, query, dropout_p, dropout_scale, HAS_DROPOUT)
+            tl.store(p_row + keys, p_dropped.to(p_ptr.dtype.element_ty), mask=keys < row_len)
+            tl.store(ds_row + keys, (p * (dp - delta) * scale).to(ds_ptr.dtype.element_ty), mask=keys < row_len)
+
+
+def _softmax_config(row_len: int, like: torch.Tensor) -> dict:
+    """Block size and launch options for rows of ``row_len`` scores."""
+    interpreter = like.device.type == "cpu"
+    longest = INTERPRETER_MAX_BLOCK_N if interpreter else GPU_MAX_BLOCK_N
+    block = min(longest, triton.next_power_of_2(int(row_len)))
+    config = dict(BLOCK_N=block, ONE_BLOCK=block >= row_len)
+    if not interpreter:
+        config["num_warps"] = max(4, min(16, block // (32 * VALUES_PER_THREAD)))
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers, registered with torch.library
+# ------------------------------------------------------------------------------------------------
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (batched) in float32: products and sums in fp32, fp32 result. On CUDA, cuBLAS with a
+    float32 output for 16-bit operands; elsewhere the operands are widened first, the same values
+    (a product of two 16-bit numbers is exact in fp32)."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.device.type == "cuda":
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (float32) += a @ b."""
+    if a.dtype == torch.float32:
+        acc.baddbmm_(a, b)
+    else:
+        acc.add_(_bmm_fp32(a, b))
+
+
+def _check_seed(dropout_p: float, seed: Optional[torch.Tensor]) -> None:
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError(f"dropout_p = {dropout_p} needs seed, a [1] int64 tensor; got None")
+
+
+def _batch_first(*tensors: torch.Tensor):
+    """[T, B, width] -> [B, T, width] views (no copies: torch.bmm takes the strides)."""
+    return tuple(t.transpose(0, 1) for t in tensors)
+
+
+@torch.library.custom_op("sharnn_fast::attention_wide_fwd", mutates_args=())
+def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                       seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [Tq, B, d], k [Tk, B, d], v [Tk, B, dv] -> (out [Tq, B, dv], lse [B, Tq] fp32, base 2).
+
+    dropout_p > 0 drops weights with the philox stream of ``seed`` (a [1] int64 tensor).
+    Raises ValueError for Tk < Tq or dropout without a seed."""
+    Tq, B, d = q.shape
+    Tk, dv = k.shape[0], v.shape[-1]
+    _check_lengths(Tq, Tk)
+    _check_seed(dropout_p, seed)
+    out = _new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
+    lse = _new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
+    qb, kb, vb, ob = _batch_first(q, k, v, out)
+    has_dropout = dropout_p > 0.0
+    scale_log2 = LOG2_E / math.sqrt(d)
+    with no_autocast(q.device):
+        for b0, b1, query_chunks in _chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, q.dtype, backward=False)):
+            for r0, r1 in query_chunks:
+                keys = Tk - Tq + r1  # the keys the chunk's last query sees
+                scores = _bmm_fp32(qb[b0:b1, r0:r1], kb[b0:b1, :keys].transpose(1, 2))  # [Bc, Tc, keys]
+                probs = scores if q.dtype == torch.float32 else _new_output(scores.shape, q.dtype, q.device)
+                config = _softmax_config(keys, q)
+                attention_wide_softmax_fwd_kernel[(r1 - r0, b1 - b0)](
+                    scores, probs, lse, seed if has_dropout else lse, b0, r0, Tq, Tk, keys,
+                    scores.stride(0), scores.stride(1), probs.stride(0), probs.stride(1), lse.stride(0),
+                    scale_log2, dropout_p, _dropout_scale(dropout_p), HAS_DROPOUT=has_dropout, **config)
+                torch.bmm(probs, vb[b0:b1, :keys], out=ob[b0:b1, r0:r1])
+    return out, lse
+
+
+@attention_wide_fwd.register_fake
+def _(q, k, v, dropout_p, seed):
+    _check_lengths(q.shape[0], k.shape[0])
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("sharnn_fast::attention_wide_bwd", mutates_args=())
+def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       lse: torch.Tensor, dropout_p: float,
+                       seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of attention_wide_fwd's out, given grad_out [Tq, B, dv] and its lse."""
+    Tq, B, d = q.shape
+    Tk, dv = k.shape[0], v.shape[-1]
+    _check_lengths(Tq, Tk)
+    _check_seed(dropout_p, seed)
+    device, dtype = q.device, q.dtype
+    dq = _new_output(q.shape, dtype, device)  # [Tq, B, d]
+    dk = _new_output(k.shape, dtype, device)  # [Tk, B, d]
+    dv_ = _new_output(v.shape, dtype, device)  # [Tk, B, dv]
+    qb, kb, vb, dob, dqb, dkb, dvb = _batch_first(q, k, v, grad_out, dq, dk, dv_)
+    has_dropout = dropout_p > 0.0
+    scale = 1.0 / math.sqrt(d)
+    in_place = dtype == torch.float32
+    with no_autocast(device):
+        for b0, b1, query_chunks in _chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, dtype, backward=True)):
+            # With several query chunks, dK and dV add up over them: in fp32, rounded once at the end.
+            accumulate = len(query_chunks) > 1
+            if accumulate:
+                dk_acc = torch.zeros(b1 - b0, Tk, d, dtype=torch.float32, device=device)  # [Bc, Tk, d]
+                dv_acc = torch.zeros(b1 - b0, Tk, dv, dtype=torch.float32, device=device)  # [Bc, Tk, dv]
+            for r0, r1 in query_chunks:
+                keys = Tk - Tq + r1
+                q_c, k_c, v_c, do_c = qb[b0:b1, r0:r1], kb[b0:b1, :keys], vb[b0:b1, :keys], dob[b0:b1, r0:r1]
+                scores = _bmm_fp32(q_c, k_c.transpose(1, 2))  # [Bc, Tc, keys]
+                dprobs = _bmm_fp32(do_c, v_c.transpose(1, 2))  # [Bc, Tc, keys]
+                if in_place:
+                    probs, dscores = scores, dprobs
+                else:
+                    probs = _new_output(scores.shape, dtype, device)  # P after dropout
+                    dscores = _new_output(scores.shape, dtype, device)  # dS / sqrt(d)
+                config = _softmax_config(keys, q)
+                attention_wide_softmax_bwd_kernel[(r1 - r0, b1 - b0)](
+                    scores, dprobs, lse, probs, dscores, seed if has_dropout else lse, b0, r0, Tq, Tk, keys,
+                    scores.stride(0), scores.stride(1), dprobs.stride(0), dprobs.stride(1),
+                    probs.stride(0), probs.stride(1), dscores.stride(0), dscores.stride(1), lse.stride(0),
+                    scale, scale * LOG2_E, dropout_p, _dropout_scale(dropout_p),
+                    HAS_DROPOUT=has_dropout, **config)
+                torch.bmm(dscores, k_c, out=dqb[b0:b1, r0:r1])
+                if accumulate:
+                    _add_product(dk_acc[:, :keys], dscores.transpose(1, 2), q_c)
+                    _add_product(dv_acc[:, :keys], probs.transpose(1, 2), do_c)
+                else:  # one chunk of all Tq queries: keys == Tk
+                    torch.bmm(dscores.transpose(1, 2), q_c, out=dkb[b0:b1])
+                    torch.bmm(probs.transpose(1, 2), do_c, out=dvb[b0:b1])
+            if accumulate:
+                dkb[b0:b1].copy_(dk_acc)
+                dvb[b0:b1].copy_(dv_acc)
+    return dq, dk, dv_
+
+
+@attention_wide_bwd.register_fake
+def _(grad_out, q, k, v, lse, dropout_p, seed):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, dropout_p, seed = inputs
+    _, lse = output
+    ctx.save_for_backward(q, k, v, lse, seed)
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, lse, seed = ctx.saved_tensors
+    dq, dk, dv = attention_wide_bwd(grad_out, q, k, v, lse, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None
+
+
+attention_wide_fwd.register_autograd(_backward, setup_context=_setup_context)
+
