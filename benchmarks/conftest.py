@@ -15,6 +15,7 @@ import datetime
 import json
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -254,7 +255,7 @@ def pytest_report_header(config):
 
 
 def pytest_configure(config):
-    _run.command = "pytest " + " ".join(config.invocation_params.args)
+    _run.command = shlex.join(["pytest", *config.invocation_params.args])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

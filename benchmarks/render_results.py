@@ -19,8 +19,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from harness.files import write_atomically  # noqa: E402
-from harness.report import (TABLE_LEGEND, ordered_rows, ratio_to_baseline, run_table,  # noqa: E402
-                            size_text, skipped_text, spread_of)
+from harness.report import (TABLE_LEGEND, number_text, ordered_rows, ratio_to_baseline,  # noqa: E402
+                            run_table, size_text, skipped_text, spread_of)
 
 RESULTS_DIR = HERE / "results"
 OUTPUT = HERE / "RESULTS.md"
@@ -34,12 +34,16 @@ LEGACY_NOTE = ("Measured before variants were interleaved: each variant was time
 
 
 def load_runs(results_dir: Path = RESULTS_DIR) -> tuple[list, list]:
-    """(benchmark runs, newest first; convergence checks) from ``results_dir``/*.json."""
+    """(benchmark runs, newest first; convergence checks) from ``results_dir``/*.json. Other JSON
+    files there (e.g. the compile reports) are left alone."""
     runs, convergence = [], []
     for path in sorted(results_dir.glob("*.json")):
         run = json.loads(path.read_text())
         run["file"] = path.name
-        (runs if "results" in run else convergence).append(run)
+        if "results" in run:
+            runs.append(run)
+        elif "final_loss_bits" in run:
+            convergence.append(run)
     runs.sort(key=lambda r: r["date"], reverse=True)
     return runs, convergence
 
@@ -115,10 +119,14 @@ def headline_runs(runs: list) -> list:
     return list(chosen.values())
 
 
+def median_text(row: dict) -> str:
+    return f"{number_text(1e3 * row['median_s'])} ms (IQR {number_text(1e3 * row['iqr_s'])})"
+
+
 def headline_table(runs: list) -> str:
     """README's headline: for the newest model run of each device, the model cases and the op
     cases with a backward, each variant's median and its ratio to that run's baseline."""
-    lines = ["| measured on | case | sizes | baseline | variants: median, ratio to the baseline |",
+    lines = ["| measured on | case | sizes | baseline: median (IQR) | variants: median (IQR), ratio to the baseline |",
              "|---|---|---|---|---|"]
     chosen = headline_runs(runs)
     for run in chosen:
@@ -130,10 +138,10 @@ def headline_table(runs: list) -> str:
             base = members[0] if members[0].get("baseline") else None
             if base is None:
                 continue
-            others = "; ".join(f"{r['variant']} {1e3 * r['median_s']:.3g} ms, {ratio_to_baseline(r, rows)}"
+            others = "; ".join(f"{r['variant']} {median_text(r)}, {ratio_to_baseline(r, rows)}"
                                for r in members[1:])
             lines.append(f"| {run['device']} | {group} | {size_text(base.get('size', {}))} | "
-                         f"{base['variant']} {1e3 * base['median_s']:.3g} ms | {others} |")
+                         f"{base['variant']} {median_text(base)} | {others} |")
     if not any(GPU_PATTERN.search(run["device"]) for run in chosen):
         lines.append("| GPU | everything | | | **not yet measured** |")
     sources = "; ".join(f"[`{run['file'].removesuffix('.json')}.md`](benchmarks/results/"

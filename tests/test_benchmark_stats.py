@@ -342,6 +342,13 @@ def test_without_matplotlib_plots_are_skipped_plainly_and_existing_plots_stay_li
     assert ".png" not in section(results, "undrawn")
 
 
+def test_other_json_files_in_the_results_folder_are_left_alone(tmp_path):
+    write_run(tmp_path, "r", "2026-11-01T00:00:00+00:00", [row("g", "torch", 1.0, True)])
+    (tmp_path / "compile_sm90.json").write_text(json.dumps(dict(command="x", arch="sm_90a")))
+    results, _, _ = render(tmp_path)
+    assert "git r," in results and "sm_90a" not in results
+
+
 def test_runs_measured_before_interleaving_say_so(tmp_path):
     write_run(tmp_path, "legacy", "2026-11-01T00:00:00+00:00", [row("g", "torch", 1.0, True)])
     record = json.loads((tmp_path / "2026-11-01_legacy.json").read_text())
