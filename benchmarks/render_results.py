@@ -99,8 +99,11 @@ def run_section(run: dict, plot: Path | None) -> list:
                      f"case's budget is spent")
     else:
         lines.append(f"- {LEGACY_NOTE}")
-    if run.get("peaks_source"):
-        lines.append(f"- machine peaks: {run['peaks_source']}")
+    if run.get("peaks"):
+        peaks = run["peaks"]
+        rates = ", ".join(f"{rate:.3g} TFLOP/s {dtype}" for dtype, rate in peaks["matmul_tflops"].items())
+        lines.append(f"- machine peaks: {rates}, copy {peaks['copy_gb_per_s']:.3g} GB/s, dependent step "
+                     f"{peaks['step_latency_us']:.3g} us ({run.get('peaks_source', 'source not recorded')})")
     lines.append("")
     if plot is not None:
         lines += [f"![speedups, {run['device']}, git {run['git_revision']}](results/{plot.name})", ""]
