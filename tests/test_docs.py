@@ -1,4 +1,5 @@
-"""The documentation lives in the repository: every relative link in README.md and docs/ must
+"""The documentation lives in the repository: every relative link in README.md, docs/ and
+benchmarks/RESULTS.md must
 resolve to a file or folder inside it (a link that leaves the repository, like ../shared/, is
 missing in a clone), and a link to a heading of a markdown file must find that heading."""
 import re
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+# README, docs/, and the rendered benchmark results (their plots and run files must be committed).
+DOCUMENTS = sorted([ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", *(ROOT / "docs").rglob("*.md")])
 # [text](target) and ![alt](target); the target ends at whitespace or the closing parenthesis.
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
