@@ -1,7 +1,7 @@
 """The documentation lives in the repository: every relative link in README.md, docs/ and
-benchmarks/RESULTS.md must
-resolve to a file or folder inside it (a link that leaves the repository, like ../shared/, is
-missing in a clone), and a link to a heading of a markdown file must find that heading."""
+benchmarks/RESULTS.md must resolve to a file or folder inside it (a link that leaves the
+repository, like ../shared/, is missing in a clone), and a link to a heading of a markdown file
+must find that heading."""
 import re
 from pathlib import Path
 
