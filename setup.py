@@ -1,4 +1,4 @@
-"""Builds the native extension sharnn_fast._C with CMake + Ninja (DESIGN.md, "Native build").
+"""Builds the native extension sharnn_fast._C with CMake + Ninja (docs/architecture.md).
 
 It never imports torch: the kernels see raw pointers only, so the build needs no torch and one build
 works with any torch version. Metadata lives in pyproject.toml; this file only drives CMake.

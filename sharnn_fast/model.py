@@ -1,7 +1,7 @@
 """SHA-RNN (Merity 2019), drop-in for the published ``model.SHARNN``.
 
 Same constructor and forward arguments, return values, parameter names and shapes, initialisation
-(with the same random seed, the same weights) and float32 numerics; see shared/SPEC.md. The heavy
+(with the same random seed, the same weights) and float32 numerics; see docs/model.md. The heavy
 lifting goes through :mod:`sharnn_fast.ops`, so the backend decides how each op runs.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An independent implementation of the published SHA-RNN's eager computation, for comparison.
 
-Written from shared/SPEC.md (the published code has no licence and is not copied): the same module
+Written from the model contract in docs/model.md (the published code has no licence and is not copied): the same module
 tree, parameter names and construction order as the published model, and its eager math: nn.LSTM,
 explicit matmul-softmax attention with an additive -inf mask built in the model, and unfused Boom.
 (The released code's `checkpoint` around attention and Boom is a plain call, so there is none

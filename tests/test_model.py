@@ -1,4 +1,4 @@
-"""sharnn_fast.SHARNN against shared/SPEC.md and against an independent implementation of the
+"""sharnn_fast.SHARNN against the model contract (docs/model.md) and against an independent implementation of the
 published model (tests/published_sharnn.py)."""
 import math
 
