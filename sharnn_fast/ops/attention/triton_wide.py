@@ -72,13 +72,18 @@ WIDE_HEAD_MIN_D = 257
 # one chunk, forward (0.49 GB) and backward (0.98 GB). Tests lower it to force the chunked path.
 SCORES_MEMORY_BUDGET = 1 << 30
 
-# Longest row of scores one program holds in registers in one block; longer rows take two passes
-# over memory (statistics, then the writes). GPU: 8192 covers the paper's Tk = 5000 in one pass, at
-# 16 fp32 values of each row tensor per thread with 16 warps. Interpreter: small, so the tests' short
-# rows take both the one-block and the two-pass code.
+# Tuning of the softmax kernels, the only place it lives. GPU: a program holds at most
+# GPU_MAX_BLOCK_N scores in registers at once; a longer row takes two passes over memory (statistics,
+# then the writes), shorter rows are packed up to GPU_MAX_BLOCK_M to a program. 8192 covers the
+# paper's Tk = 5000 in one pass, 16 fp32 values of each [rows, keys] tensor per thread with 16 warps
+# (VALUES_PER_THREAD); checked by the offline compile report, not yet timed. Interpreter: rows in
+# blocks of 32 keys, so the tests' short rows take both the one-block and the two-pass code, and 16
+# rows a program to keep the number of interpreted programs small.
 GPU_MAX_BLOCK_N = 8192
-INTERPRETER_MAX_BLOCK_N = 32
-VALUES_PER_THREAD = 16  # fp32 values of one row block per thread: num_warps = BLOCK_N / (32 * this)
+GPU_MAX_BLOCK_M = 16
+VALUES_PER_THREAD = 16  # num_warps = BLOCK_M * BLOCK_N / (32 * this), between 4 and 16
+INTERPRETER_BLOCK_N = 32
+INTERPRETER_BLOCK_M = 16
 
 
 def scratch_bytes_per_score(dtype: torch.dtype, backward: bool) -> int:
@@ -133,75 +138,90 @@ def describe_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wide: bool)
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels: one program per (query row of the chunk, batch entry of the chunk)
+# Kernels: one program per (block of BLOCK_M query rows of the chunk, batch entry of the chunk)
 # ------------------------------------------------------------------------------------------------
 # The score buffers are contiguous along keys; rows and entries are addressed with int64 offsets.
+# A row's statistics live in registers.
 
 @triton.jit
-def _row_scores_log2(s_row, keys, visible, scale_log2):
-    """Scores of a block of one row in base-2 units (S log2(e) / sqrt(d)); -inf where masked."""
-    return tl.load(s_row + keys, mask=keys < visible, other=float("-inf")) * scale_log2
+def _rows(ptr, entry, stride_b, rows, stride_q):
+    """Pointers to the starts of ``rows`` of batch entry ``entry`` of a [Bc, Tc, keys] buffer."""
+    return ptr + entry.to(tl.int64) * stride_b + rows.to(tl.int64) * stride_q
 
 
 @triton.jit
-def _after_dropout(p, seed, batch, Tq, Tk, query, keys, dropout_p, dropout_scale, HAS_DROPOUT: tl.constexpr):
+def _scores_log2(s_rows, keys, visible, scale_log2):
+    """A [rows, keys] block of scores in base-2 units (S log2(e) / sqrt(d)); -inf where masked."""
+    return tl.load(s_rows[:, None] + keys[None, :], mask=keys[None, :] < visible[:, None],
+                   other=float("-inf")) * scale_log2
+
+
+@triton.jit
+def _after_dropout(p, seed, batch, Tq, Tk, queries, keys, dropout_p, dropout_scale, HAS_DROPOUT: tl.constexpr):
     if HAS_DROPOUT:
-        p = tl.where(_dropout_keep(seed, batch, Tq, Tk, query, keys, dropout_p), p * dropout_scale, 0.0)
+        keep = _dropout_keep(seed, batch, Tq, Tk, queries[:, None], keys[None, :], dropout_p)
+        p = tl.where(keep, p * dropout_scale, 0.0)
     return p
 
 
 @triton.jit(do_not_specialize=["first_batch", "first_query"])
 def attention_wide_softmax_fwd_kernel(
-        s_ptr, p_ptr, lse_ptr, seed_ptr, first_batch, first_query, Tq, Tk, row_len,
+        s_ptr, p_ptr, lse_ptr, seed_ptr, first_batch, first_query, Tq, Tk, n_rows, row_len,
         stride_sb, stride_sq, stride_pb, stride_pq, stride_lse_b,
         scale_log2, dropout_p, dropout_scale,
-        HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    """P[entry, row, :row_len] = dropout(softmax(S[entry, row] / sqrt(d), causal)), and the row's
-    log-sum-exp (base 2) into lse[batch, query]. ONE_BLOCK: the row fits one block of registers."""
-    row = tl.program_id(0)
+        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """P[entry, rows, :row_len] = dropout(softmax(S[entry, rows] / sqrt(d), causal)) and each row's
+    log-sum-exp (base 2) into lse[batch, query]. ONE_BLOCK: a row fits one block of registers."""
     entry = tl.program_id(1)
-    query = first_query + row
     batch = first_batch + entry
-    visible = Tk - Tq + query + 1  # keys 0 .. visible - 1 are seen; visible <= row_len
-    s_row = s_ptr + entry.to(tl.int64) * stride_sb + row.to(tl.int64) * stride_sq
-    p_row = p_ptr + entry.to(tl.int64) * stride_pb + row.to(tl.int64) * stride_pq
+    block_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = block_rows < n_rows
+    rows = tl.minimum(block_rows, n_rows - 1)  # rows past the chunk repeat its last one, unstored
+    queries = first_query + rows
+    visible = Tk - Tq + queries + 1  # keys 0 .. visible - 1 are seen; visible <= row_len
+    s_rows = _rows(s_ptr, entry, stride_sb, rows, stride_sq)
+    p_rows = _rows(p_ptr, entry, stride_pb, rows, stride_pq)
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     if ONE_BLOCK:
         keys = tl.arange(0, BLOCK_N)
-        x = _row_scores_log2(s_row, keys, visible, scale_log2)
-        row_max = tl.max(x, 0)
-        e = tl.exp2(x - row_max)
-        row_sum = tl.sum(e, 0)
+        x = _scores_log2(s_rows, keys, visible, scale_log2)
+        row_max = tl.max(x, 1)
+        e = tl.exp2(x - row_max[:, None])
+        row_sum = tl.sum(e, 1)
         lse = row_max + tl.log2(row_sum)
-        p = _after_dropout(e / row_sum, seed, batch, Tq, Tk, query, keys, dropout_p, dropout_scale, HAS_DROPOUT)
-        tl.store(p_row + keys, p.to(p_ptr.dtype.element_ty), mask=keys < row_len)
+        p = _after_dropout(e / row_sum[:, None], seed, batch, Tq, Tk, queries, keys, dropout_p, dropout_scale,
+                           HAS_DROPOUT)
+        tl.store(p_rows[:, None] + keys[None, :], p.to(p_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & (keys < row_len)[None, :])
     else:
-        # Online max and sum over the visible keys, then P block by block (masked keys get 0).
-        row_max = tl.full([], float("-inf"), tl.float32)
-        row_sum = tl.zeros([], tl.float32)
-        for start in range(0, visible, BLOCK_N):
-            x = _row_scores_log2(s_row, start + tl.arange(0, BLOCK_N), visible, scale_log2)
-            new_max = tl.maximum(row_max, tl.max(x, 0))
-            row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(x - new_max), 0)
+        # Online max and sum over the keys the block's rows see, then P block by block (0 where masked).
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        last_visible = Tk - Tq + first_query + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, n_rows)
+        for start in range(0, last_visible, BLOCK_N):
+            x = _scores_log2(s_rows, start + tl.arange(0, BLOCK_N), visible, scale_log2)
+            new_max = tl.maximum(row_max, tl.max(x, 1))
+            row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(x - new_max[:, None]), 1)
             row_max = new_max
         lse = row_max + tl.log2(row_sum)
         for start in range(0, row_len, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            p = tl.exp2(_row_scores_log2(s_row, keys, visible, scale_log2) - lse)
-            p = _after_dropout(p, seed, batch, Tq, Tk, query, keys, dropout_p, dropout_scale, HAS_DROPOUT)
-            tl.store(p_row + keys, p.to(p_ptr.dtype.element_ty), mask=keys < row_len)
-    tl.store(lse_ptr + batch.to(tl.int64) * stride_lse_b + query, lse)
+            p = tl.exp2(_scores_log2(s_rows, keys, visible, scale_log2) - lse[:, None])
+            p = _after_dropout(p, seed, batch, Tq, Tk, queries, keys, dropout_p, dropout_scale, HAS_DROPOUT)
+            tl.store(p_rows[:, None] + keys[None, :], p.to(p_ptr.dtype.element_ty),
+                     mask=row_valid[:, None] & (keys < row_len)[None, :])
+    tl.store(lse_ptr + batch.to(tl.int64) * stride_lse_b + queries, lse, mask=row_valid)
 
 
 @triton.jit
-def _row_block_bwd(s_row, dp_row, keys, visible, lse, scale_log2, seed, batch, Tq, Tk, query,
-                   dropout_p, dropout_scale, HAS_DROPOUT: tl.constexpr):
-    """A block of one row: the weights P (0 where masked), P~ = P after dropout, and the gradient
+def _block_bwd(s_rows, dp_rows, keys, visible, lse, scale_log2, seed, batch, Tq, Tk, queries,
+               dropout_p, dropout_scale, HAS_DROPOUT: tl.constexpr):
+    """A [rows, keys] block: the weights P (0 where masked), P~ = P after dropout, and the gradient
     reaching P (dP~ through the dropout: dP~ * keep / (1 - p))."""
-    p = tl.exp2(_row_scores_log2(s_row, keys, visible, scale_log2) - lse)
-    dp = tl.load(dp_row + keys, mask=keys < visible, other=0.0)
+    p = tl.exp2(_scores_log2(s_rows, keys, visible, scale_log2) - lse[:, None])
+    dp = tl.load(dp_rows[:, None] + keys[None, :], mask=keys[None, :] < visible[:, None], other=0.0)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, batch, Tq, Tk, query, keys, dropout_p)
+        keep = _dropout_keep(seed, batch, Tq, Tk, queries[:, None], keys[None, :], dropout_p)
         p_dropped = tl.where(keep, p * dropout_scale, 0.0)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     else:
@@ -209,57 +229,67 @@ def _row_block_bwd(s_row, dp_row, keys, visible, lse, scale_log2, seed, batch, T
     return p, p_dropped, dp
 
 
+@triton.jit
+def _store_bwd(p_rows, ds_rows, keys, row_valid, row_len, p, p_dropped, dp, delta, scale):
+    mask = row_valid[:, None] & (keys < row_len)[None, :]
+    tl.store(p_rows[:, None] + keys[None, :], p_dropped.to(p_rows.dtype.element_ty), mask=mask)
+    ds = p * (dp - delta[:, None]) * scale
+    tl.store(ds_rows[:, None] + keys[None, :], ds.to(ds_rows.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["first_batch", "first_query"])
 def attention_wide_softmax_bwd_kernel(
-        s_ptr, dp_ptr, lse_ptr, p_ptr, ds_ptr, seed_ptr, first_batch, first_query, Tq, Tk, row_len,
+        s_ptr, dp_ptr, lse_ptr, p_ptr, ds_ptr, seed_ptr, first_batch, first_query, Tq, Tk, n_rows, row_len,
         stride_sb, stride_sq, stride_dpb, stride_dpq, stride_pb, stride_pq, stride_dsb, stride_dsq,
         stride_lse_b, scale, scale_log2, dropout_p, dropout_scale,
-        HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    """From S and dP~ = dO V^T (fp32) of one row and its saved log-sum-exp: P~[entry, row] (P after
-    dropout, for dV) and dS[entry, row] = P * (dP - delta) / sqrt(d) (for dQ and dK), where
+        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """From S and dP~ = dO V^T (fp32) of a block of rows and their saved log-sum-exp: P~[entry, rows]
+    (P after dropout, for dV) and dS[entry, rows] = P * (dP - delta) / sqrt(d) (for dQ and dK), where
     delta = sum_j P~_j dP~_j = rowsum(dO * O). p_ptr / ds_ptr may be s_ptr / dp_ptr (in place)."""
-    row = tl.program_id(0)
     entry = tl.program_id(1)
-    query = first_query + row
     batch = first_batch + entry
-    visible = Tk - Tq + query + 1
-    s_row = s_ptr + entry.to(tl.int64) * stride_sb + row.to(tl.int64) * stride_sq
-    dp_row = dp_ptr + entry.to(tl.int64) * stride_dpb + row.to(tl.int64) * stride_dpq
-    p_row = p_ptr + entry.to(tl.int64) * stride_pb + row.to(tl.int64) * stride_pq
-    ds_row = ds_ptr + entry.to(tl.int64) * stride_dsb + row.to(tl.int64) * stride_dsq
+    block_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = block_rows < n_rows
+    rows = tl.minimum(block_rows, n_rows - 1)  # rows past the chunk repeat its last one, unstored
+    queries = first_query + rows
+    visible = Tk - Tq + queries + 1
+    s_rows = _rows(s_ptr, entry, stride_sb, rows, stride_sq)
+    dp_rows = _rows(dp_ptr, entry, stride_dpb, rows, stride_dpq)
+    p_rows = _rows(p_ptr, entry, stride_pb, rows, stride_pq)
+    ds_rows = _rows(ds_ptr, entry, stride_dsb, rows, stride_dsq)
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    lse = tl.load(lse_ptr + batch.to(tl.int64) * stride_lse_b + query)
+    lse = tl.load(lse_ptr + batch.to(tl.int64) * stride_lse_b + queries, mask=row_valid, other=0.0)
     if ONE_BLOCK:
         keys = tl.arange(0, BLOCK_N)
-        p, p_dropped, dp = _row_block_bwd(s_row, dp_row, keys, visible, lse, scale_log2, seed, batch, Tq, Tk,
-                                          query, dropout_p, dropout_scale, HAS_DROPOUT)
-        delta = tl.sum(p * dp, 0)
-        tl.store(p_row + keys, p_dropped.to(p_ptr.dtype.element_ty), mask=keys < row_len)
-        tl.store(ds_row + keys, (p * (dp - delta) * scale).to(ds_ptr.dtype.element_ty), mask=keys < row_len)
+        p, p_dropped, dp = _block_bwd(s_rows, dp_rows, keys, visible, lse, scale_log2, seed, batch, Tq, Tk,
+                                      queries, dropout_p, dropout_scale, HAS_DROPOUT)
+        _store_bwd(p_rows, ds_rows, keys, row_valid, row_len, p, p_dropped, dp, tl.sum(p * dp, 1), scale)
     else:
-        delta = tl.zeros([], tl.float32)
-        for start in range(0, visible, BLOCK_N):
-            p, p_dropped, dp = _row_block_bwd(s_row, dp_row, start + tl.arange(0, BLOCK_N), visible, lse,
-                                              scale_log2, seed, batch, Tq, Tk, query, dropout_p,
-                                              dropout_scale, HAS_DROPOUT)
-            delta += tl.sum(p * dp, 0)
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        last_visible = Tk - Tq + first_query + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, n_rows)
+        for start in range(0, last_visible, BLOCK_N):
+            p, p_dropped, dp = _block_bwd(s_rows, dp_rows, start + tl.arange(0, BLOCK_N), visible, lse,
+                                          scale_log2, seed, batch, Tq, Tk, queries, dropout_p, dropout_scale,
+                                          HAS_DROPOUT)
+            delta += tl.sum(p * dp, 1)
         for start in range(0, row_len, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            p, p_dropped, dp = _row_block_bwd(s_row, dp_row, keys, visible, lse, scale_log2, seed, batch, Tq,
-                                              Tk, query, dropout_p, dropout_scale, HAS_DROPOUT)
-            tl.store(p_row + keys, p_dropped.to(p_ptr.dtype.element_ty), mask=keys < row_len)
-            tl.store(ds_row + keys, (p * (dp - delta) * scale).to(ds_ptr.dtype.element_ty), mask=keys < row_len)
+            p, p_dropped, dp = _block_bwd(s_rows, dp_rows, keys, visible, lse, scale_log2, seed, batch, Tq, Tk,
+                                          queries, dropout_p, dropout_scale, HAS_DROPOUT)
+            _store_bwd(p_rows, ds_rows, keys, row_valid, row_len, p, p_dropped, dp, delta, scale)
 
 
 def _softmax_config(row_len: int, like: torch.Tensor) -> dict:
-    """Block size and launch options for rows of ``row_len`` scores."""
-    interpreter = like.device.type == "cpu"
-    longest = INTERPRETER_MAX_BLOCK_N if interpreter else GPU_MAX_BLOCK_N
-    block = min(longest, triton.next_power_of_2(int(row_len)))
-    config = dict(BLOCK_N=block, ONE_BLOCK=block >= row_len)
-    if not interpreter:
-        config["num_warps"] = max(4, min(16, block // (32 * VALUES_PER_THREAD)))
-    return config
+    """Block sizes and launch options for rows of ``row_len`` scores: BLOCK_N keys of a row at a
+    time, BLOCK_M rows per program."""
+    block_n = triton.next_power_of_2(int(row_len))
+    if like.device.type == "cpu":
+        block_n = min(INTERPRETER_BLOCK_N, block_n)
+        return dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=block_n, ONE_BLOCK=block_n >= row_len)
+    block_n = min(GPU_MAX_BLOCK_N, block_n)
+    block_m = min(GPU_MAX_BLOCK_M, GPU_MAX_BLOCK_N // block_n)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_BLOCK=block_n >= row_len,
+                num_warps=max(4, min(16, block_m * block_n // (32 * VALUES_PER_THREAD))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,8 +348,8 @@ def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
                 scores = _bmm_fp32(qb[b0:b1, r0:r1], kb[b0:b1, :keys].transpose(1, 2))  # [Bc, Tc, keys]
                 probs = scores if q.dtype == torch.float32 else _new_output(scores.shape, q.dtype, q.device)
                 config = _softmax_config(keys, q)
-                attention_wide_softmax_fwd_kernel[(r1 - r0, b1 - b0)](
-                    scores, probs, lse, seed if has_dropout else lse, b0, r0, Tq, Tk, keys,
+                attention_wide_softmax_fwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
+                    scores, probs, lse, seed if has_dropout else lse, b0, r0, Tq, Tk, r1 - r0, keys,
                     scores.stride(0), scores.stride(1), probs.stride(0), probs.stride(1), lse.stride(0),
                     scale_log2, dropout_p, _dropout_scale(dropout_p), HAS_DROPOUT=has_dropout, **config)
                 torch.bmm(probs, vb[b0:b1, :keys], out=ob[b0:b1, r0:r1])
@@ -367,8 +397,9 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     probs = _new_output(scores.shape, dtype, device)  # P after dropout
                     dscores = _new_output(scores.shape, dtype, device)  # dS / sqrt(d)
                 config = _softmax_config(keys, q)
-                attention_wide_softmax_bwd_kernel[(r1 - r0, b1 - b0)](
-                    scores, dprobs, lse, probs, dscores, seed if has_dropout else lse, b0, r0, Tq, Tk, keys,
+                attention_wide_softmax_bwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
+                    scores, dprobs, lse, probs, dscores, seed if has_dropout else lse, b0, r0, Tq, Tk, r1 - r0,
+                    keys,
                     scores.stride(0), scores.stride(1), dprobs.stride(0), dprobs.stride(1),
                     probs.stride(0), probs.stride(1), dscores.stride(0), dscores.stride(1), lse.stride(0),
                     scale, scale * LOG2_E, dropout_p, _dropout_scale(dropout_p),

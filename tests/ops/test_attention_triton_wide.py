@@ -1,0 +1,255 @@
+"""The triton backend's two attention paths against the reference: materialised scores for wide heads
+(d >= WIDE_HEAD_MIN_D, triton_wide.py) and the flash kernel for narrow ones (triton.py).
+
+Without a GPU the softmax kernels run in Triton's interpreter and the products in torch on CPU; small
+shapes, and a small scratch budget where the chunked path is wanted. Every buffer a kernel writes
+starts as NaN (the poisoning fixture of test_attention_triton.py).
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import sharnn_fast  # noqa: E402
+from sharnn_fast import ops  # noqa: E402
+from sharnn_fast.ops.attention import triton as attention_triton_module  # noqa: E402
+from sharnn_fast.ops.attention import triton_wide  # noqa: E402
+from test_attention_triton import (_poison_outputs, attention_inputs, check_reduced_precision,  # noqa: E402,F401
+                                   device, dropout_mask, run_attention)
+from tolerances import assert_all_close, fp32_tolerance, outputs_and_grads  # noqa: E402
+
+# (Tq, Tk, B, d, dv): one query, no memory, a memory in front, batch 1 and 3, values narrower than
+# keys, and the paper's width. compile_report.py compiles the kernels at these sizes too.
+WIDE_SHAPES = [(1, 37, 3, 300, 300), (37, 37, 1, 520, 520), (37, 82, 3, 300, 200), (5, 12, 2, 1024, 520),
+               (3, 7, 1, 1024, 1024)]
+FLASH_SHAPES = [(37, 82, 3, 96, 96), (1, 12, 1, 80, 80)]
+DROPOUT_SHAPE = (37, 82, 3, 300)  # Tq, Tk, B, d
+
+
+def explained_path():
+    return sharnn_fast.explain().split("attention: ")[1].split("\n")[0]
+
+
+def forced(path, **kwargs):
+    def fn(q, k, v):
+        return attention_triton_module.attention_triton(q, k, v, path=path, **kwargs)
+    return fn
+
+
+@pytest.mark.parametrize("shape", WIDE_SHAPES + FLASH_SHAPES)
+def test_fp32_matches_reference_on_the_path_for_its_width(shape, device):
+    inputs = attention_inputs(*shape, device=device)
+    got = outputs_and_grads(run_attention("triton"), inputs)
+    wide = shape[3] >= triton_wide.WIDE_HEAD_MIN_D
+    assert explained_path().startswith(f"triton (requested explicitly, on {device.type}); "
+                                       + ("materialised scores: head width" if wide else "flash kernel: head width"))
+    assert_all_close(got, outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
+                     what=f"triton attention {shape}")
+
+
+@pytest.mark.parametrize("shape", [(37, 82, 3, 300, 300), (5, 12, 2, 1024, 520)])
+def test_fp16_matches_reference(shape, device):
+    check_reduced_precision(shape, torch.float16, device)
+
+
+@pytest.mark.parametrize("path, shape", [("wide", (5, 12, 2, 16, 16)), ("wide", (37, 37, 1, 80, 48)),
+                                         ("flash", (3, 7, 1, 300, 300))])
+def test_either_path_takes_any_width(path, shape, device):
+    """The materialised path at narrow widths and the flash kernel past WIDE_HEAD_MIN_D, asked for."""
+    inputs = attention_inputs(*shape, device=device)
+    assert_all_close(outputs_and_grads(forced(path), inputs), outputs_and_grads(run_attention("reference"), inputs),
+                     fp32_tolerance(device, "triton"), what=f"triton attention, {path} path")
+    with pytest.raises(ValueError, match="path must be None, 'flash' or 'wide'"):
+        forced("materialised")(**inputs)
+
+
+def test_strided_inputs_and_gradients(device):
+    """Batch-first queries, keys and values sliced out of one wider tensor, and an incoming gradient
+    in batch-first layout reach the products through their strides."""
+    Tq, Tk, B, d = 37, 82, 3, 300
+    inputs = dict(q=torch.randn(B, Tq, d, device=device), kv=torch.randn(Tk, B, 2 * d + 5, device=device))
+
+    def strided(backend):
+        def fn(q, kv):
+            y = ops.attention(q.transpose(0, 1), kv[..., 5:d + 5], kv[..., d + 5:], backend=backend)
+            return y.transpose(0, 1)  # [B, Tq, d]: the gradient of y arrives batch-first
+        return fn
+
+    assert_all_close(outputs_and_grads(strided("triton"), inputs),
+                     outputs_and_grads(strided("reference"), inputs), fp32_tolerance(device, "triton"),
+                     what="strided wide attention")
+
+
+def test_chunk_plan():
+    """Whole batch entries first, query chunks only for an entry too large alone, with the fp32
+    accumulators of dK and dV counted; one row is the floor."""
+    plan = triton_wide.chunk_plan
+    assert triton_wide.scratch_bytes_per_score(torch.bfloat16, backward=True) == 12
+    assert triton_wide.scratch_bytes_per_score(torch.float32, backward=False) == 4
+    assert plan(16, 1024, 5000, 1024, 1024, torch.bfloat16, backward=True) == (16, 1024)  # the paper's size
+    entry = 1024 * 5000 * 12
+    assert plan(16, 1024, 5000, 1024, 1024, torch.bfloat16, True, budget=5 * entry + 1) == (5, 1024)
+    accumulators = 5000 * 2048 * 4
+    assert plan(16, 1024, 5000, 1024, 1024, torch.bfloat16, True, budget=accumulators + 100 * 5000 * 12) == (1, 100)
+    assert plan(16, 1024, 5000, 1024, 1024, torch.bfloat16, True, budget=1000) == (1, 1)
+
+
+def _budgets(Tq, Tk, B, d, dv):
+    """Budgets that force (a) batch groups of 2 entries in backward, (b) query chunks of 10 in
+    forward and single query rows (fp32 accumulation of dK, dV) in backward."""
+    entry = Tq * Tk * triton_wide.scratch_bytes_per_score(torch.float32, backward=True)
+    return {"batch groups": (2 * entry, (3, Tq), (2, Tq)),
+            "query chunks": (10 * Tk * 4, (1, 10), (1, 1))}
+
+
+@pytest.mark.parametrize("split", ["batch groups", "query chunks"])
+def test_chunked_path_matches_reference(split, device, monkeypatch):
+    shape = (37, 82, 3, 300, 200)
+    budget, forward_plan, backward_plan = _budgets(*shape)[split]
+    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", budget)
+    Tq, Tk, B, d, dv = shape
+    assert triton_wide.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=False) == forward_plan
+    assert triton_wide.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=True) == backward_plan
+    inputs = attention_inputs(*shape, device=device)
+    got = outputs_and_grads(run_attention("triton"), inputs)
+    assert f"backward in chunks of {backward_plan[0]} batch entries x {backward_plan[1]} queries" in explained_path()
+    assert_all_close(got, outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
+                     what=f"chunked wide attention ({split})")
+
+
+def test_query_chunks_accumulate_in_fp32(device, monkeypatch):
+    """fp16 with dK and dV summed over single-query chunks: still within 2x the reference's error."""
+    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", 1)
+    check_reduced_precision((9, 20, 2, 300, 300), torch.float16, device, draws=2)
+
+
+def test_dropout_mask_keep_rate_and_gradients(device, monkeypatch):
+    """The mask read back through the op: only visible weights kept, about 1 - p of them, the very
+    mask the flash kernel draws for the seed; output and gradients are the reference's weights times
+    that mask / (1 - p), unchunked and chunked (backward regenerates the mask chunk by chunk)."""
+    Tq, Tk, B, d = DROPOUT_SHAPE
+    p, seed = 0.3, 7
+    keep = dropout_mask(Tq, Tk, B, d, p, seed, device)  # [B, Tq, Tk]
+    assert explained_path().split("; ")[1].startswith("materialised scores")
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
+    assert not keep[:, ~visible].any()
+    dropped_fraction = 1 - keep[:, visible].float().mean().item()
+    assert abs(dropped_fraction - p) < 0.03, dropped_fraction
+    assert torch.equal(keep, dropout_mask(Tq, Tk, B, 80, p, seed, device))  # the flash kernel's mask
+
+    def reference_with_mask(q, k, v):
+        scores = torch.einsum("qbd,kbd->bqk", q, k) / math.sqrt(d)
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        return torch.einsum("bqk,kbd->qbd", weights * keep / (1 - p), v)
+
+    def triton_with_seed(q, k, v):
+        torch.manual_seed(seed)
+        return ops.attention(q, k, v, dropout_p=p, training=True, backend="triton")
+
+    inputs = attention_inputs(Tq, Tk, B, d, 96, device)
+    expected = outputs_and_grads(reference_with_mask, inputs)
+    assert_all_close(outputs_and_grads(triton_with_seed, inputs), expected, fp32_tolerance(device, "triton"),
+                     what="wide attention with dropout")
+    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", 10 * Tk * 4)
+    assert_all_close(outputs_and_grads(triton_with_seed, inputs), expected, fp32_tolerance(device, "triton"),
+                     what="chunked wide attention with dropout")
+
+
+def test_dropout_follows_torch_seed(device):
+    inputs = attention_inputs(5, 12, 2, 300, 300, device)
+
+    def dropped(seed):
+        torch.manual_seed(seed)
+        return ops.attention(**inputs, dropout_p=0.5, training=True, backend="triton")
+
+    assert torch.equal(dropped(1), dropped(1))
+    assert not torch.equal(dropped(1), dropped(2))
+
+
+def test_no_dropout_when_p_is_zero_or_not_training(device):
+    inputs = attention_inputs(5, 12, 2, 300, 300, device)
+    plain = ops.attention(**inputs, backend="triton")
+    assert torch.equal(ops.attention(**inputs, dropout_p=0.0, training=True, backend="triton"), plain)
+    assert torch.equal(ops.attention(**inputs, dropout_p=0.5, training=False, backend="triton"), plain)
+
+
+def test_dropout_of_everything(device):
+    out, grads = outputs_and_grads(run_attention("triton", dropout_p=1.0, training=True),
+                                   attention_inputs(5, 12, 2, 300, 300, device))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for name, grad in grads.items():
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+
+
+class _KernelNotRun:
+    """Stands in for a kernel that writes nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_poisoned_buffers_expose_an_unwritten_element(device, monkeypatch):
+    """With the softmax kernel writing nothing, the poisoned weights and log-sum-exp make every
+    output NaN: an element the kernels forget to write cannot pass by luck."""
+    monkeypatch.setattr(triton_wide, "attention_wide_softmax_fwd_kernel", _KernelNotRun())
+    q, k, v = (t.half() for t in attention_inputs(5, 12, 2, 300, 300, device).values())
+    out, lse = triton_wide.attention_wide_fwd(q, k, v, 0.0, None)
+    assert torch.isnan(out).all() and torch.isnan(lse).all()
+
+
+def test_autocast_casts_to_its_dtype(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    inputs = attention_inputs(5, 12, 2, 300, 300, device)
+    with torch.autocast(device.type, dtype=dtype):
+        out = ops.attention(**inputs, backend="triton")
+    assert out.dtype == dtype
+    cast = {name: t.to(dtype) for name, t in inputs.items()}
+    assert torch.equal(out, ops.attention(**cast, backend="triton"))
+
+
+def test_bad_arguments_are_clear_errors(device):
+    q, k, v = attention_inputs(5, 4, 2, 300, 300, device).values()
+    with pytest.raises(ValueError, match=r"Tk >= Tq"):
+        torch.ops.sharnn_fast.attention_wide_fwd(q, k, v, 0.0, None)
+    q, k, v = attention_inputs(5, 12, 2, 300, 300, device).values()
+    with pytest.raises(ValueError, match="dropout_p = 0.1 needs seed"):
+        torch.ops.sharnn_fast.attention_wide_fwd(q, k, v, 0.1, None)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_registered_ops_pass_opcheck(dropout_p, device):
+    """Schema, fake (explicit, so it is checked on CPU too) and autograd registration."""
+    q, k, v = (t.requires_grad_(True) for t in attention_inputs(5, 12, 2, 300, 260, device).values())
+    seed = torch.tensor([3], device=device) if dropout_p else None
+    torch.library.opcheck(torch.ops.sharnn_fast.attention_wide_fwd, (q, k, v, dropout_p, seed))
+
+
+def test_torch_compile_fullgraph(device):
+    """torch.compile traces ops.attention's wide path as one node (AOT autograd with the fake and
+    autograd registrations; inductor's code generation is the GPU test's)."""
+    inputs = attention_inputs(5, 12, 2, 300, 300, device)
+    compiled = torch.compile(run_attention("triton"), fullgraph=True, backend="aot_eager")
+    assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(run_attention("triton"), inputs),
+                     1e-6, what="compiled wide attention")
+
+
+@pytest.mark.gpu
+def test_bf16_matches_reference_on_gpu():
+    check_reduced_precision((37, 82, 3, 1024, 1024), torch.bfloat16, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Tk", [1024, 5000])
+def test_paper_sizes_bf16_on_gpu(Tk):
+    """d = 1024, Tq = 1024, the memory at the cap (batch 2 keeps the fp32 reference small)."""
+    check_reduced_precision((1024, Tk, 2, 1024, 1024), torch.bfloat16, torch.device("cuda"), draws=1)
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_on_gpu():
+    inputs = attention_inputs(37, 82, 3, 1024, 1024, "cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(run_attention("triton"), fullgraph=True)
+    assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(run_attention("triton"), inputs),
+                     1e-6, what="compiled wide attention")
