@@ -229,10 +229,14 @@ def test_registered_ops_pass_opcheck(dropout_p, device):
 def test_torch_compile_fullgraph(device):
     """torch.compile traces ops.attention's wide path as one node (AOT autograd with the fake and
     autograd registrations; inductor's code generation is the GPU test's)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    sharnn_fast.backend.preload("triton")  # as set_backend does: no import while tracing
+    counter = CompileCounterWithBackend("aot_eager")
     inputs = attention_inputs(5, 12, 2, 300, 300, device)
-    compiled = torch.compile(run_attention("triton"), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(run_attention("triton"), fullgraph=True, backend=counter)
     assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(run_attention("triton"), inputs),
                      1e-6, what="compiled wide attention")
+    assert counter.frame_count == 1 and "sharnn_fast.attention_wide_fwd" in counter.graphs[0].code
 
 
 @pytest.mark.gpu
