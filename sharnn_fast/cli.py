@@ -61,7 +61,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
                      help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; fp16 uses a GradScaler)")
     run.add_argument("--backend", default=S, help="kernel backend: reference, torch, triton, cuda or auto")
-    run.add_argument("--compile", action="store_true", default=S, help="torch.compile the model and loss")
+    run.add_argument("--compile", action="store_true", default=S, help="torch.compile the model and loss (for now it recompiles for each new segment length)")
 
     hp = p.add_argument_group("hyperparameters (published main.py names)")
     for flag, kind, text in (
