@@ -67,6 +67,10 @@ HOT = [
      + SM90_TILES),
     ("attention_bwd_dkdv_kernel", ("float16", "bfloat16"), ("sm_90a",), "as the attention forward"),
     ("attention_bwd_dq_kernel", ("float16", "bfloat16"), ("sm_90a",), "as the attention forward"),
+    ("attention_wide_softmax_fwd_kernel", ALL, BOTH,
+     "the materialised attention path's one pass over every score that is not a cuBLAS GEMM "
+     "([16, 1024, 5000] at the paper's size): a spill there is paid per score"),
+    ("attention_wide_softmax_bwd_kernel", ALL, BOTH, "as the wide softmax forward, in backward"),
     ("lstm_fwd_kernel", ALL, BOTH,
      "the persistent cuda LSTM keeps every step in one launch: a spill there is paid T times"),
     ("lstm_bwd_kernel", ALL, BOTH, "as the cuda LSTM forward"),
@@ -234,9 +238,31 @@ def attention_cases(dtype, dropout_p: float, sizes: str) -> list[Callable[[], No
     return [case(*shape) for shape in shapes]
 
 
+def attention_wide_cases(dtype, dropout_p: float, sizes: str) -> list[Callable[[], None]]:
+    """The materialised-scores attention path (its two softmax kernels; the products are cuBLAS) at
+    the paper's sizes or at the wide sizes tests/ops/test_attention_triton_wide.py runs on a GPU.
+    The custom ops' own functions are called: on meta tensors the ops would run their fakes."""
+    import torch
+    module = importlib.import_module("sharnn_fast.ops.attention.triton_wide")
+    if sizes == "paper":
+        shapes = [(1024, 1024, 16, 1024, 1024), (1024, 5000, 16, 1024, 1024)]
+    else:
+        shapes = list(_test_module("test_attention_triton_wide").WIDE_SHAPES)
+
+    def case(Tq, Tk, B, d, dv):
+        def run():
+            q, k, v = _meta(Tq, B, d, dtype=dtype), _meta(Tk, B, d, dtype=dtype), _meta(Tk, B, dv, dtype=dtype)
+            seed = _meta(1, dtype=torch.int64) if dropout_p > 0 else None
+            _, lse = module.attention_wide_fwd._init_fn(q, k, v, dropout_p, seed)
+            module.attention_wide_bwd._init_fn(_meta(Tq, B, dv, dtype=dtype), q, k, v, lse, dropout_p, seed)
+        return run
+    return [case(*shape) for shape in shapes]
+
+
 OPS = {"boom": ("sharnn_fast.ops.boom.triton", boom_cases),
        "lstm": ("sharnn_fast.ops.lstm.triton", lstm_cases),
-       "attention": ("sharnn_fast.ops.attention.triton", attention_cases)}
+       "attention": ("sharnn_fast.ops.attention.triton", attention_cases),
+       "attention_wide": ("sharnn_fast.ops.attention.triton_wide", attention_wide_cases)}
 
 
 def _prod(values) -> int:

@@ -5,7 +5,6 @@ Without a GPU the softmax kernels run in Triton's interpreter and the products i
 shapes, and a small scratch budget where the chunked path is wanted. Every buffer a kernel writes
 starts as NaN (the poisoning fixture of test_attention_triton.py).
 """
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import sharnn_fast  # noqa: E402
 from sharnn_fast import ops  # noqa: E402
 from sharnn_fast.ops.attention import triton as attention_triton_module  # noqa: E402
 from sharnn_fast.ops.attention import triton_wide  # noqa: E402
+import test_attention_triton as flash_tests  # noqa: E402
 from test_attention_triton import (_poison_outputs, attention_inputs, check_reduced_precision,  # noqa: E402,F401
                                    device, dropout_mask, run_attention)
 from tolerances import assert_all_close, fp32_tolerance, outputs_and_grads  # noqa: E402
@@ -26,6 +26,25 @@ WIDE_SHAPES = [(1, 37, 3, 300, 300), (37, 37, 1, 520, 520), (37, 82, 3, 300, 200
                (3, 7, 1, 1024, 1024)]
 FLASH_SHAPES = [(37, 82, 3, 96, 96), (1, 12, 1, 80, 80)]
 DROPOUT_SHAPE = (37, 82, 3, 300)  # Tq, Tk, B, d
+# The flash kernel's checks of behaviour (test_attention_triton.py), run again on the wide path.
+FLASH_CHECKS = [flash_tests.test_strided_inputs_and_gradients, flash_tests.test_no_dropout_when_p_is_zero_or_not_training,
+                flash_tests.test_dropout_matches_reference_with_the_same_mask, flash_tests.test_dropout_follows_torch_seed,
+                flash_tests.test_dropout_of_everything, flash_tests.test_autocast_casts_to_its_dtype]
+
+
+@pytest.fixture
+def wide_everywhere(monkeypatch):
+    """Every head width takes the materialised path; the list counts its forward calls."""
+    monkeypatch.setattr(triton_wide, "WIDE_HEAD_MIN_D", 1)
+    calls, op = [], triton_wide.attention_wide_fwd
+    monkeypatch.setattr(triton_wide, "attention_wide_fwd", lambda *args: calls.append(args) or op(*args))
+    return calls
+
+
+@pytest.fixture
+def flash_everywhere(monkeypatch):
+    """Every head width takes the flash kernel."""
+    monkeypatch.setattr(triton_wide, "WIDE_HEAD_MIN_D", 2**31)
 
 
 def explained_path():
@@ -55,7 +74,7 @@ def test_fp16_matches_reference(shape, device):
 
 
 @pytest.mark.parametrize("path, shape", [("wide", (5, 12, 2, 16, 16)), ("wide", (37, 37, 1, 80, 48)),
-                                         ("flash", (3, 7, 1, 300, 300))])
+                                         ("flash", flash_tests.WIDE_SHAPE)])
 def test_either_path_takes_any_width(path, shape, device):
     """The materialised path at narrow widths and the flash kernel past WIDE_HEAD_MIN_D, asked for."""
     inputs = attention_inputs(*shape, device=device)
@@ -65,21 +84,20 @@ def test_either_path_takes_any_width(path, shape, device):
         forced("materialised")(**inputs)
 
 
-def test_strided_inputs_and_gradients(device):
-    """Batch-first queries, keys and values sliced out of one wider tensor, and an incoming gradient
-    in batch-first layout reach the products through their strides."""
-    Tq, Tk, B, d = 37, 82, 3, 300
-    inputs = dict(q=torch.randn(B, Tq, d, device=device), kv=torch.randn(Tk, B, 2 * d + 5, device=device))
+@pytest.mark.parametrize("check", FLASH_CHECKS, ids=lambda check: check.__name__.removeprefix("test_"))
+def test_flash_kernel_checks_pass_on_the_wide_path(check, device, wide_everywhere):
+    """Strided inputs and gradients, dropout against the reference with the kernels' own mask, seeds,
+    p = 0, p = 1 and autocast, as test_attention_triton.py checks them, on the materialised path."""
+    check(device)
+    assert wide_everywhere
 
-    def strided(backend):
-        def fn(q, kv):
-            y = ops.attention(q.transpose(0, 1), kv[..., 5:d + 5], kv[..., d + 5:], backend=backend)
-            return y.transpose(0, 1)  # [B, Tq, d]: the gradient of y arrives batch-first
-        return fn
 
-    assert_all_close(outputs_and_grads(strided("triton"), inputs),
-                     outputs_and_grads(strided("reference"), inputs), fp32_tolerance(device, "triton"),
-                     what="strided wide attention")
+def test_chunked_dropout_regenerates_the_same_mask(device, wide_everywhere, monkeypatch):
+    """The same check with the forward in query chunks and the backward in single query rows."""
+    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", 10 * 82 * 4)
+    flash_tests.test_dropout_matches_reference_with_the_same_mask(device)
+    assert "forward in chunks of 1 batch entries x 10 queries, backward in chunks of 1 batch entries x 1 queries" \
+        in explained_path()
 
 
 def test_chunk_plan():
@@ -125,62 +143,19 @@ def test_query_chunks_accumulate_in_fp32(device, monkeypatch):
     check_reduced_precision((9, 20, 2, 300, 300), torch.float16, device, draws=2)
 
 
-def test_dropout_mask_keep_rate_and_gradients(device, monkeypatch):
-    """The mask read back through the op: only visible weights kept, about 1 - p of them, the very
-    mask the flash kernel draws for the seed; output and gradients are the reference's weights times
-    that mask / (1 - p), unchunked and chunked (backward regenerates the mask chunk by chunk)."""
+def test_dropout_mask_and_keep_rate(device):
+    """The mask read back through the op at a wide width: only visible weights kept, about 1 - p of
+    them, and the very mask the flash kernel draws for the same seed."""
     Tq, Tk, B, d = DROPOUT_SHAPE
     p, seed = 0.3, 7
     keep = dropout_mask(Tq, Tk, B, d, p, seed, device)  # [B, Tq, Tk]
-    assert explained_path().split("; ")[1].startswith("materialised scores")
+    assert "; materialised scores" in explained_path()
     visible = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
     assert not keep[:, ~visible].any()
     dropped_fraction = 1 - keep[:, visible].float().mean().item()
     assert abs(dropped_fraction - p) < 0.03, dropped_fraction
-    assert torch.equal(keep, dropout_mask(Tq, Tk, B, 80, p, seed, device))  # the flash kernel's mask
-
-    def reference_with_mask(q, k, v):
-        scores = torch.einsum("qbd,kbd->bqk", q, k) / math.sqrt(d)
-        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        return torch.einsum("bqk,kbd->qbd", weights * keep / (1 - p), v)
-
-    def triton_with_seed(q, k, v):
-        torch.manual_seed(seed)
-        return ops.attention(q, k, v, dropout_p=p, training=True, backend="triton")
-
-    inputs = attention_inputs(Tq, Tk, B, d, 96, device)
-    expected = outputs_and_grads(reference_with_mask, inputs)
-    assert_all_close(outputs_and_grads(triton_with_seed, inputs), expected, fp32_tolerance(device, "triton"),
-                     what="wide attention with dropout")
-    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", 10 * Tk * 4)
-    assert_all_close(outputs_and_grads(triton_with_seed, inputs), expected, fp32_tolerance(device, "triton"),
-                     what="chunked wide attention with dropout")
-
-
-def test_dropout_follows_torch_seed(device):
-    inputs = attention_inputs(5, 12, 2, 300, 300, device)
-
-    def dropped(seed):
-        torch.manual_seed(seed)
-        return ops.attention(**inputs, dropout_p=0.5, training=True, backend="triton")
-
-    assert torch.equal(dropped(1), dropped(1))
-    assert not torch.equal(dropped(1), dropped(2))
-
-
-def test_no_dropout_when_p_is_zero_or_not_training(device):
-    inputs = attention_inputs(5, 12, 2, 300, 300, device)
-    plain = ops.attention(**inputs, backend="triton")
-    assert torch.equal(ops.attention(**inputs, dropout_p=0.0, training=True, backend="triton"), plain)
-    assert torch.equal(ops.attention(**inputs, dropout_p=0.5, training=False, backend="triton"), plain)
-
-
-def test_dropout_of_everything(device):
-    out, grads = outputs_and_grads(run_attention("triton", dropout_p=1.0, training=True),
-                                   attention_inputs(5, 12, 2, 300, 300, device))
-    assert torch.equal(out[0], torch.zeros_like(out[0]))
-    for name, grad in grads.items():
-        assert torch.equal(grad, torch.zeros_like(grad)), name
+    assert torch.equal(keep, dropout_mask(Tq, Tk, B, 80, p, seed, device))
+    assert "; flash kernel" in explained_path()
 
 
 class _KernelNotRun:
@@ -197,16 +172,6 @@ def test_poisoned_buffers_expose_an_unwritten_element(device, monkeypatch):
     q, k, v = (t.half() for t in attention_inputs(5, 12, 2, 300, 300, device).values())
     out, lse = triton_wide.attention_wide_fwd(q, k, v, 0.0, None)
     assert torch.isnan(out).all() and torch.isnan(lse).all()
-
-
-def test_autocast_casts_to_its_dtype(device):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
-    inputs = attention_inputs(5, 12, 2, 300, 300, device)
-    with torch.autocast(device.type, dtype=dtype):
-        out = ops.attention(**inputs, backend="triton")
-    assert out.dtype == dtype
-    cast = {name: t.to(dtype) for name, t in inputs.items()}
-    assert torch.equal(out, ops.attention(**cast, backend="triton"))
 
 
 def test_bad_arguments_are_clear_errors(device):
@@ -240,20 +205,18 @@ def test_torch_compile_fullgraph(device):
 
 
 @pytest.mark.gpu
-def test_bf16_matches_reference_on_gpu():
-    check_reduced_precision((37, 82, 3, 1024, 1024), torch.bfloat16, torch.device("cuda"))
+def test_bf16_on_gpu_on_the_wide_path(wide_everywhere):
+    flash_tests.test_bf16_matches_reference_on_gpu()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("Tk", [1024, 5000])
-def test_paper_sizes_bf16_on_gpu(Tk):
-    """d = 1024, Tq = 1024, the memory at the cap (batch 2 keeps the fp32 reference small)."""
-    check_reduced_precision((1024, Tk, 2, 1024, 1024), torch.bfloat16, torch.device("cuda"), draws=1)
+def test_flash_kernel_at_the_paper_width_on_gpu(Tk, flash_everywhere):
+    """test_attention_triton.py's paper-size test now takes the wide path; the flash kernel, still
+    benchmarked at d 1024, keeps its check here."""
+    flash_tests.test_paper_sizes_bf16_on_gpu(Tk)
 
 
 @pytest.mark.gpu
-def test_torch_compile_inductor_on_gpu():
-    inputs = attention_inputs(37, 82, 3, 1024, 1024, "cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(run_attention("triton"), fullgraph=True)
-    assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(run_attention("triton"), inputs),
-                     1e-6, what="compiled wide attention")
+def test_torch_compile_inductor_on_gpu_on_the_wide_path(wide_everywhere):
+    flash_tests.test_torch_compile_fullgraph_on_gpu()

@@ -44,6 +44,7 @@ to it, like cuBLAS), and the fake implementations give it shapes on any device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -144,6 +145,20 @@ def describe_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wide: bool)
 # A row's statistics live in registers.
 
 @triton.jit
+def _program_rows(first_batch, first_query, Tq, Tk, n_rows, BLOCK_M: tl.constexpr):
+    """This program's rows: its batch entry of the chunk and that entry's batch index; its BLOCK_M
+    rows of the chunk (rows past the chunk's end repeat its last one, never stored) and which are
+    real; their query indices; how many keys each sees (keys 0 .. visible - 1, at most the chunk's
+    row length); and how many the last real one sees."""
+    entry = tl.program_id(1)
+    block_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.minimum(block_rows, n_rows - 1)
+    queries = first_query + rows
+    last_visible = Tk - Tq + first_query + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, n_rows)
+    return entry, first_batch + entry, rows, block_rows < n_rows, queries, Tk - Tq + queries + 1, last_visible
+
+
+@triton.jit
 def _rows(ptr, entry, stride_b, rows, stride_q):
     """Pointers to the starts of ``rows`` of batch entry ``entry`` of a [Bc, Tc, keys] buffer."""
     return ptr + entry.to(tl.int64) * stride_b + rows.to(tl.int64) * stride_q
@@ -172,13 +187,8 @@ def attention_wide_softmax_fwd_kernel(
         HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
     """P[entry, rows, :row_len] = dropout(softmax(S[entry, rows] / sqrt(d), causal)) and each row's
     log-sum-exp (base 2) into lse[batch, query]. ONE_BLOCK: a row fits one block of registers."""
-    entry = tl.program_id(1)
-    batch = first_batch + entry
-    block_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = block_rows < n_rows
-    rows = tl.minimum(block_rows, n_rows - 1)  # rows past the chunk repeat its last one, unstored
-    queries = first_query + rows
-    visible = Tk - Tq + queries + 1  # keys 0 .. visible - 1 are seen; visible <= row_len
+    entry, batch, rows, row_valid, queries, visible, last_visible = _program_rows(
+        first_batch, first_query, Tq, Tk, n_rows, BLOCK_M)
     s_rows = _rows(s_ptr, entry, stride_sb, rows, stride_sq)
     p_rows = _rows(p_ptr, entry, stride_pb, rows, stride_pq)
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
@@ -197,7 +207,6 @@ def attention_wide_softmax_fwd_kernel(
         # Online max and sum over the keys the block's rows see, then P block by block (0 where masked).
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
-        last_visible = Tk - Tq + first_query + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, n_rows)
         for start in range(0, last_visible, BLOCK_N):
             x = _scores_log2(s_rows, start + tl.arange(0, BLOCK_N), visible, scale_log2)
             new_max = tl.maximum(row_max, tl.max(x, 1))
@@ -246,13 +255,8 @@ def attention_wide_softmax_bwd_kernel(
     """From S and dP~ = dO V^T (fp32) of a block of rows and their saved log-sum-exp: P~[entry, rows]
     (P after dropout, for dV) and dS[entry, rows] = P * (dP - delta) / sqrt(d) (for dQ and dK), where
     delta = sum_j P~_j dP~_j = rowsum(dO * O). p_ptr / ds_ptr may be s_ptr / dp_ptr (in place)."""
-    entry = tl.program_id(1)
-    batch = first_batch + entry
-    block_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = block_rows < n_rows
-    rows = tl.minimum(block_rows, n_rows - 1)  # rows past the chunk repeat its last one, unstored
-    queries = first_query + rows
-    visible = Tk - Tq + queries + 1
+    entry, batch, rows, row_valid, queries, visible, last_visible = _program_rows(
+        first_batch, first_query, Tq, Tk, n_rows, BLOCK_M)
     s_rows = _rows(s_ptr, entry, stride_sb, rows, stride_sq)
     dp_rows = _rows(dp_ptr, entry, stride_dpb, rows, stride_dpq)
     p_rows = _rows(p_ptr, entry, stride_pb, rows, stride_pq)
@@ -266,7 +270,6 @@ def attention_wide_softmax_bwd_kernel(
         _store_bwd(p_rows, ds_rows, keys, row_valid, row_len, p, p_dropped, dp, tl.sum(p * dp, 1), scale)
     else:
         delta = tl.zeros([BLOCK_M], tl.float32)
-        last_visible = Tk - Tq + first_query + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, n_rows)
         for start in range(0, last_visible, BLOCK_N):
             p, p_dropped, dp = _block_bwd(s_rows, dp_rows, start + tl.arange(0, BLOCK_N), visible, lse,
                                           scale_log2, seed, batch, Tq, Tk, queries, dropout_p, dropout_scale,
@@ -320,6 +323,12 @@ def _check_seed(dropout_p: float, seed: Optional[torch.Tensor]) -> None:
         raise ValueError(f"dropout_p = {dropout_p} needs seed, a [1] int64 tensor; got None")
 
 
+def _autocast_off(device: torch.device):
+    """Autocast off inside the ops: their inputs already are in the dtype to compute in, and the fp32
+    products must stay fp32. Meta tensors (the offline compile report) have no autocast."""
+    return no_autocast(device) if torch.amp.is_autocast_available(device.type) else contextlib.nullcontext()
+
+
 def _batch_first(*tensors: torch.Tensor):
     """[T, B, width] -> [B, T, width] views (no copies: torch.bmm takes the strides)."""
     return tuple(t.transpose(0, 1) for t in tensors)
@@ -341,7 +350,7 @@ def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
     qb, kb, vb, ob = _batch_first(q, k, v, out)
     has_dropout = dropout_p > 0.0
     scale_log2 = LOG2_E / math.sqrt(d)
-    with no_autocast(q.device):
+    with _autocast_off(q.device):
         for b0, b1, query_chunks in _chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, q.dtype, backward=False)):
             for r0, r1 in query_chunks:
                 keys = Tk - Tq + r1  # the keys the chunk's last query sees
@@ -379,7 +388,7 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     has_dropout = dropout_p > 0.0
     scale = 1.0 / math.sqrt(d)
     in_place = dtype == torch.float32
-    with no_autocast(device):
+    with _autocast_off(device):
         for b0, b1, query_chunks in _chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, dtype, backward=True)):
             # With several query chunks, dK and dV add up over them: in fp32, rounded once at the end.
             accumulate = len(query_chunks) > 1
