@@ -27,9 +27,11 @@ WIDE_SHAPES = [(1, 37, 3, 300, 300), (37, 37, 1, 520, 520), (37, 82, 3, 300, 200
 FLASH_SHAPES = [(37, 82, 3, 96, 96), (1, 12, 1, 80, 80)]
 DROPOUT_SHAPE = (37, 82, 3, 300)  # Tq, Tk, B, d
 # The flash kernel's checks of behaviour (test_attention_triton.py), run again on the wide path.
-FLASH_CHECKS = [flash_tests.test_strided_inputs_and_gradients, flash_tests.test_no_dropout_when_p_is_zero_or_not_training,
-                flash_tests.test_dropout_matches_reference_with_the_same_mask, flash_tests.test_dropout_follows_torch_seed,
-                flash_tests.test_dropout_of_everything, flash_tests.test_autocast_casts_to_its_dtype]
+FLASH_CHECKS = [flash_tests.test_strided_inputs_and_gradients,
+                flash_tests.test_no_dropout_when_p_is_zero_or_not_training,
+                flash_tests.test_dropout_matches_reference_with_the_same_mask,
+                flash_tests.test_dropout_follows_torch_seed, flash_tests.test_dropout_of_everything,
+                flash_tests.test_autocast_casts_to_its_dtype]
 
 
 @pytest.fixture
@@ -51,9 +53,9 @@ def explained_path():
     return sharnn_fast.explain().split("attention: ")[1].split("\n")[0]
 
 
-def forced(path, **kwargs):
+def forced(path):
     def fn(q, k, v):
-        return attention_triton_module.attention_triton(q, k, v, path=path, **kwargs)
+        return attention_triton_module.attention_triton(q, k, v, path=path)
     return fn
 
 
