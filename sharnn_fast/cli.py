@@ -1,4 +1,4 @@
-"""The ``sharnn`` command (also ``python -m sharnn_fast``): prepare, train, eval, plot.
+"""The ``sharnn`` command (also ``python -m sharnn_fast``): prepare, train, eval, generate, plot.
 
 This layer only parses arguments, calls :mod:`sharnn_fast.training` and prints. Bad input gets one
 line on stderr and exit status 2, never a traceback (set SHARNN_DEBUG=1 to see one).
@@ -19,6 +19,7 @@ examples:
   torchrun --standalone --nproc_per_node 8 -m sharnn_fast train --data data/enwik8 --preset paper
   sharnn train --resume runs/paper/last.pt      # continue exactly where it stopped
   sharnn eval --checkpoint runs/paper/best.pt --split test --batch-size 1 --json
+  sharnn generate --checkpoint runs/paper/best.pt --prompt "The " --max-new-tokens 500 --top-p 0.95
   sharnn plot runs/paper
 """
 
@@ -28,6 +29,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -125,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
     p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, ...)")
 
+    p = commands.add_parser("generate", help="continue a prompt with a checkpoint, streaming the text",
+                            description="Continue a prompt with a checkpoint from `sharnn train`, writing "
+                            "the new bytes to stdout as they come (decoded as UTF-8, invalid bytes "
+                            "replaced). Sampling: temperature, then top-k, then top-p (nucleus); "
+                            "--greedy takes the most likely byte instead.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="the prompt, encoded as UTF-8")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="a file whose bytes are the prompt")
+    p.add_argument("--max-new-tokens", type=_non_negative_int, default=200, metavar="N",
+                   help="bytes to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0 (default 1.0)")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="keep the K most likely bytes")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling, P in (0, 1]")
+    p.add_argument("--greedy", action="store_true", help="always the most likely byte (no sampling)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="bf16/fp16: autocast (default fp32)")
+
     p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)")
     p.add_argument("run_dir", help="a --save folder holding metrics.jsonl")
     p.add_argument("--out", default=None, help="image path (default RUN_DIR/curves.png)")
@@ -173,6 +204,27 @@ def _eval(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from .generation import generate_text
+    from .training.errors import UserInputError
+
+    if args.prompt is not None:
+        prompt = args.prompt.encode("utf-8")
+    else:
+        try:
+            prompt = Path(args.prompt_file).read_bytes()
+        except OSError as err:
+            raise UserInputError(f"--prompt-file: cannot read {args.prompt_file}: {err.strerror}") from None
+    try:
+        generate_text(args.checkpoint, prompt, sys.stdout, max_new_tokens=args.max_new_tokens,
+                      do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, device=args.device, precision=args.precision)
+    except (ValueError, TypeError) as err:  # generate's argument checks: bad input, not a bug
+        raise UserInputError(str(err)) from None
+    print()
+    return 0
+
+
 def _plot(args) -> int:
     from .training.report import plot_metrics
 
@@ -180,7 +232,7 @@ def _plot(args) -> int:
     return 0
 
 
-COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "plot": _plot}
+COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "generate": _generate, "plot": _plot}
 
 
 def main(argv=None) -> int:

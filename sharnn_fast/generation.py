@@ -324,3 +324,50 @@ def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, 
         return tokens, GenerationState(hidden, mems, model_signature(model))
     finally:
         model.train(was_training)
+
+
+def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_sample=True, temperature=1.0,
+                  top_k=None, top_p=None, seed=None, device=None, precision="fp32") -> bytes:
+    """``sharnn generate``: continue the bytes ``prompt`` with the byte-level model of a
+    ``sharnn train`` checkpoint, writing the new bytes to the text stream ``out`` as they come
+    (decoded as UTF-8, invalid sequences replaced). Returns the new bytes.
+
+    device: default CUDA if available, else CPU. precision: "fp32", or "bf16"/"fp16" autocast.
+    Raises the errors of :func:`sharnn_fast.load_checkpoint` and :meth:`SHARNN.generate`.
+    """
+    import codecs
+    import contextlib
+
+    from .training.checkpoint import load_checkpoint
+
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one byte")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _ = load_checkpoint(checkpoint, map_location=device)
+    if model.encoder.num_embeddings != 256:
+        raise ValueError(f"{checkpoint}: a byte-level model has 256 tokens, this one has "
+                         f"{model.encoder.num_embeddings}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
+    autocast = (torch.autocast(device.type, dtype=dtypes[precision]) if dtypes[precision] is not None
+                else contextlib.nullcontext())
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    new = bytearray()
+
+    def stream(token):
+        byte = int(token[0])
+        new.append(byte)
+        out.write(decoder.decode(bytes([byte])))
+        out.flush()
+
+    tokens = torch.tensor(list(prompt), dtype=torch.int64, device=device).unsqueeze(1)  # [T, 1]
+    with autocast:
+        generate(model, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                 top_k=top_k, top_p=top_p, generator=generator, on_token=stream)
+    out.write(decoder.decode(b"", final=True))
+    out.flush()
+    return bytes(new)

@@ -13,11 +13,11 @@ from training_helpers import ROOT, SMALL, assert_one_line_error, run_sharnn, sha
 def test_help_of_every_command():
     result = run_sharnn("--help")
     assert result.returncode == 0
-    for command in ("prepare", "train", "eval", "plot"):
+    for command in ("prepare", "train", "eval", "generate", "plot"):
         assert command in result.stdout
     from sharnn_fast.cli import build_parser
 
-    for command in ("prepare", "train", "eval", "plot"):
+    for command in ("prepare", "train", "eval", "generate", "plot"):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0

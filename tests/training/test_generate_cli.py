@@ -1,0 +1,66 @@
+"""``sharnn generate``: a checkpoint from ``sharnn train`` continues a prompt, streaming UTF-8."""
+import io
+
+import pytest
+import torch
+
+import sharnn_fast
+from sharnn_fast.generation import generate_text
+from test_cli import run_main
+from training_helpers import SMALL, assert_one_line_error, run_sharnn
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus_file):
+    run = tmp_path_factory.mktemp("run")
+    trained = run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "2", "--save", run)
+    assert trained.returncode == 0, trained.stderr
+    return run / "last.pt"
+
+
+def test_generate_streams_text_and_a_seed_reproduces_it(checkpoint):
+    args = ["generate", "--checkpoint", checkpoint, "--prompt", "The module ", "--max-new-tokens", "40",
+            "--top-k", "20", "--top-p", "0.9", "--temperature", "0.8", "--seed", "3"]
+    first, second = run_sharnn(*args), run_sharnn(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == "" and first.stdout == second.stdout
+    assert len(first.stdout.rstrip("\n")) > 0
+
+
+def test_greedy_output_is_the_models_greedy_continuation(checkpoint):
+    result = run_sharnn("generate", "--checkpoint", checkpoint, "--prompt", "def ", "--max-new-tokens", "25",
+                        "--greedy")
+    assert result.returncode == 0, result.stderr
+    model, _ = sharnn_fast.load_checkpoint(checkpoint)
+    prompt = torch.tensor(list(b"def ")).unsqueeze(1)
+    expected = bytes(model.generate(prompt, 25, do_sample=False)[4:, 0].tolist())
+    assert result.stdout == expected.decode("utf-8", errors="replace") + "\n"
+
+
+def test_bytes_are_written_as_they_come(checkpoint):
+    class Recorder(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            Recorder.flushes += 1
+
+    out = Recorder()
+    new = generate_text(checkpoint, "é".encode() + b"x", out, max_new_tokens=12, seed=0)
+    assert len(new) == 12 and Recorder.flushes >= 12
+    assert out.getvalue() == new.decode("utf-8", errors="replace")
+
+
+def test_bad_input_gets_one_line_and_no_traceback(tmp_path, checkpoint, capsys):
+    assert_one_line_error(run_sharnn("generate", "--checkpoint", tmp_path / "missing.pt", "--prompt", "a"),
+                          "does not exist")
+    cases = [
+        (["--prompt", ""], ["prompt is empty"]),
+        (["--prompt", "a", "--temperature", "0"], ["temperature must be a finite number > 0"]),
+        (["--prompt", "a", "--top-p", "1.5"], ["top_p must be None or a number in (0, 1]"]),
+        (["--prompt-file", tmp_path / "none.txt"], ["--prompt-file: cannot read"]),
+        (["--prompt", "a", "--max-new-tokens", "-1"], ["argument --max-new-tokens", "expected an integer >= 0"]),
+        (["--prompt", "a", "--prompt-file", "x"], ["not allowed with argument"]),
+        (["--prompt", "a", "--top-k", "0"], ["argument --top-k"]),
+    ]
+    for extra, fragments in cases:
+        assert_one_line_error(run_main(capsys, "generate", "--checkpoint", checkpoint, *extra), *fragments)
