@@ -155,9 +155,12 @@ class Tuning:
     """What :mod:`sharnn_fast.autotuning` needs to know about one call of an op: its shape bucket
     (lengths, batch sizes and token counts rounded up by ``autotuning.pow2``, widths exact), its
     compute dtype, whether dropout is active, and ``deterministic``, which maps the op's arguments
-    to the same call with dropout off (to check backends against each other)."""
+    to the same call with dropout off (to check backends against each other).
 
-    bucket: tuple
+    ``bucket`` is a function returning the tuple, called only when tuning: computing it from sizes
+    that torch.compile traces symbolically would specialise the compiled graph to them."""
+
+    bucket: Callable[[], tuple]
     dtype: torch.dtype
     dropout: bool = False
     deterministic: Callable[[tuple], tuple] = lambda args: args
@@ -180,7 +183,7 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
     if tuning is not None:
         from . import autotuning  # light: it imports nothing heavy until it tunes
         if autotuning.enabled() and autotuning.may_tune_now(device):
-            tuned, why = autotuning.choose(op, implementations, device, args, tuning.dtype, tuning.bucket,
+            tuned, why = autotuning.choose(op, implementations, device, args, tuning.dtype, tuning.bucket(),
                                          tuning.dropout, tuning.deterministic)
             _record(op, tuned, why)
             return tuned, implementations[tuned]

@@ -50,7 +50,7 @@ def attention(q, k, v, *, dropout_p=0.0, training=False, backend=None):
     device = check_same_device(q=q, k=k, v=v)
     check_same_dtype(device, q=q, k=k, v=v)
     dtype = compute_dtype(q)
-    tuning = _backend.Tuning(bucket=(pow2(Tq), pow2(Tk), pow2(B), d, v.shape[-1]), dtype=dtype,
+    tuning = _backend.Tuning(bucket=lambda: (pow2(Tq), pow2(Tk), pow2(B), d, v.shape[-1]), dtype=dtype,
                              dropout=training and dropout_p > 0, deterministic=_without_dropout)
     y = _backend.run("attention", backend, IMPLEMENTATIONS, device, q, k, v, dropout_p, training,
                      tuning=tuning)

@@ -49,7 +49,7 @@ def boom(x, weight, bias, *, dropout_p=0.0, training=False, backend=None):
     device = check_same_device(x=x, weight=weight, bias=bias)
     check_same_dtype(device, x=x, weight=weight, bias=bias)
     dtype = compute_dtype(x)
-    tuning = _backend.Tuning(bucket=(pow2(x.numel() // d), d, F, bias is not None), dtype=dtype,
+    tuning = _backend.Tuning(bucket=lambda: (pow2(x.numel() // d), d, F, bias is not None), dtype=dtype,
                              dropout=training and dropout_p > 0, deterministic=_without_dropout)
     y = _backend.run("boom", backend, IMPLEMENTATIONS, device, x, weight, bias, dropout_p, training,
                      tuning=tuning)

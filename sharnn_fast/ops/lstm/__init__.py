@@ -64,7 +64,7 @@ def lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None, *, backend=None):
     check_same_dtype(device, x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                      bias_hh=bias_hh, h0=h0, c0=c0)
     dtype = compute_dtype(x)
-    tuning = _backend.Tuning(bucket=(pow2(T), pow2(B), I, H, hx is not None), dtype=dtype)
+    tuning = _backend.Tuning(bucket=lambda: (pow2(T), pow2(B), I, H, hx is not None), dtype=dtype)
     out = _backend.run("lstm", backend, IMPLEMENTATIONS, device,
                        x, weight_ih, weight_hh, bias_ih, bias_hh, hx, tuning=tuning)
     return cast_outputs(out, dtype)
