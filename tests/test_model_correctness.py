@@ -243,3 +243,14 @@ def test_reduced_precision_runs_when_onednn_is_limited_to_avx2():
     done = subprocess.run([sys.executable, "-c", _ON_AN_AVX2_CPU], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_compile_traces_a_training_step_with_dropout_in_one_graph():
+    """fullgraph: no graph break anywhere, dropout included (the torch Boom's fast mask uses
+    random_ over int64, which the tracer refuses; while compiling it draws uniform floats)."""
+    model = SHARNN("LSTM", V, D, F, 2, 0.2, 0.2, 0.2, backend="torch").train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randint(0, V, (6, 2))
+    h = compiled(x)[0]
+    h.sum().backward()
+    assert torch.isfinite(h).all() and model.blocks[0].ff.linear1.weight.grad is not None
