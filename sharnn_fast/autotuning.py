@@ -125,7 +125,7 @@ def _read_environment(device: torch.device) -> dict:
         env.update(device=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                    driver=_cuda_driver_version())
     else:
-        env.update(device=_cpu_name(), threads=torch.get_num_threads(),
+        env.update(device=cpu_name(), threads=torch.get_num_threads(),
                    capability=torch.backends.cpu.get_cpu_capability())
     return env
 
@@ -135,7 +135,8 @@ def _cuda_driver_version():
     return getter() if getter is not None else None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -166,6 +166,12 @@ class Tuning:
     deterministic: Callable[[tuple], tuple] = lambda args: args
 
 
+def without_dropout(args: tuple) -> tuple:
+    """The arguments of an op whose last two are ``dropout_p, training`` (attention, Boom), with
+    dropout off: the deterministic call autotuning compares backends on."""
+    return (*args[:-2], 0.0, False)
+
+
 def choose(op: str, requested: Optional[str], implementations: Mapping[str, Implementation],
            device: torch.device, *args, tuning: Optional[Tuning] = None) -> tuple[str, Implementation]:
     """Pick the implementation of ``op`` for these arguments (``*args`` are the op's). Returns its

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sharnn_fast.autotuning import cpu_name
+
 from .files import write_atomically
 
 CACHE_ENV = "SHARNN_BENCH_PEAKS"
@@ -34,22 +36,12 @@ def cache_path() -> Path:
     return Path(base) / "sharnn_fast" / "benchmark_peaks.json"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_identity(device) -> dict:
     """What the peaks depend on: host, processor, logical CPUs and torch threads; on CUDA the GPU
     and its compute capability; the torch and CUDA versions (their BLAS libraries set the matrix rate)."""
     import torch
 
-    identity = dict(host=platform.node(), cpu=_cpu_model(), logical_cpus=os.cpu_count(),
+    identity = dict(host=platform.node(), cpu=cpu_name(), logical_cpus=os.cpu_count(),
                     torch_threads=torch.get_num_threads(), torch=torch.__version__, cuda=torch.version.cuda,
                     device=device.type)
     if device.type == "cuda":

@@ -51,11 +51,8 @@ def attention(q, k, v, *, dropout_p=0.0, training=False, backend=None):
     check_same_dtype(device, q=q, k=k, v=v)
     dtype = compute_dtype(q)
     tuning = _backend.Tuning(bucket=lambda: (pow2(Tq), pow2(Tk), pow2(B), d, v.shape[-1]), dtype=dtype,
-                             dropout=training and dropout_p > 0, deterministic=_without_dropout)
+                             dropout=training and dropout_p > 0, deterministic=_backend.without_dropout)
     y = _backend.run("attention", backend, IMPLEMENTATIONS, device, q, k, v, dropout_p, training,
                      tuning=tuning)
     return cast_outputs(y, dtype)
 
-
-def _without_dropout(args):
-    return (*args[:3], 0.0, False)

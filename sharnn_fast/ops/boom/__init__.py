@@ -50,11 +50,8 @@ def boom(x, weight, bias, *, dropout_p=0.0, training=False, backend=None):
     check_same_dtype(device, x=x, weight=weight, bias=bias)
     dtype = compute_dtype(x)
     tuning = _backend.Tuning(bucket=lambda: (pow2(x.numel() // d), d, F, bias is not None), dtype=dtype,
-                             dropout=training and dropout_p > 0, deterministic=_without_dropout)
+                             dropout=training and dropout_p > 0, deterministic=_backend.without_dropout)
     y = _backend.run("boom", backend, IMPLEMENTATIONS, device, x, weight, bias, dropout_p, training,
                      tuning=tuning)
     return cast_outputs(y, dtype)
 
-
-def _without_dropout(args):
-    return (*args[:3], 0.0, False)
