@@ -380,9 +380,10 @@ def _median_ms(impl, args, backward: bool, device: torch.device) -> float:
 
 def autotune_model(model, example_tokens, **forward_kwargs) -> str:
     """Tune every op of one forward and backward of ``model`` on ``example_tokens`` [T, B] now,
-    so that training starts with its choices made (and cached). The model's parameters, their
-    gradients and the random number generators are left as they were; autotuning is on for the
-    call whatever the switch says. Returns :func:`sharnn_fast.explain`'s report.
+    so that training starts with its choices made (and cached), and turn autotuning on for the
+    process (``autotune(True)``), since "auto" uses tuned choices only while it is on. The model's
+    parameters, their gradients and the random number generators are left as they were. Returns
+    :func:`sharnn_fast.explain`'s report.
 
     Tune with the segment length, batch size, dtype (autocast) and mode (``model.train()`` or
     ``eval()``) that training will use: each is part of the key.
@@ -393,7 +394,6 @@ def autotune_model(model, example_tokens, **forward_kwargs) -> str:
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     saved_grads = {p: p.grad for p in model.parameters()}
-    previous = _enabled
     _enabled = True
     try:
         with torch.random.fork_rng(devices=devices):
@@ -401,7 +401,6 @@ def autotune_model(model, example_tokens, **forward_kwargs) -> str:
             if torch.is_grad_enabled() and h.requires_grad:
                 model.decoder(h).float().logsumexp(-1).mean().backward()
     finally:
-        _enabled = previous
         for p, g in saved_grads.items():
             p.grad = g
     return explain()

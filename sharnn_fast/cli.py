@@ -41,6 +41,27 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r} (for the most likely byte "
+                                         "every time, use --greedy)")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -67,7 +88,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--save", default=None, metavar="DIR", help="where last.pt, best.pt and metrics.jsonl go "
                      "(default: the resumed checkpoint's folder, else sharnn-runs/PRESET-TIME)")
     run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint")
-    run.add_argument("--seed", type=int, default=S)
+    run.add_argument("--seed", type=int, default=S, help="random seed of the weights, dropout and lengths "
+                     "(default: the preset's, 5512 as published)")
     run.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
                      help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; fp16 uses a GradScaler)")
@@ -126,13 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "the preset, or the checkpoint with --resume.")
     _add_train_arguments(p)
 
-    p = commands.add_parser("eval", help="bits per byte of a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p = commands.add_parser("eval", help="bits per byte of a checkpoint on a split",
+                            description="Bits per byte (bpc) of a checkpoint on a split, carrying the hidden "
+                            "state and the attention memory across the whole split as the published "
+                            "evaluation does. The split is cut into --batch-size columns; as in the "
+                            "published batchify, the last (length mod batch size) bytes are left out, so "
+                            "--batch-size 1 scores every byte (and gives each the longest context).")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by sharnn train")
     p.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
-    p.add_argument("--split", default="valid", choices=("valid", "test", "train"))
+    p.add_argument("--split", default="valid", choices=("valid", "test", "train"), help="default valid")
     p.add_argument("--batch-size", type=_positive_int, default=10,
-                   help="columns (default 10; 1 gives every byte the longest context)")
-    p.add_argument("--device", default=None)
+                   help="columns (default 10; 1 scores every byte, with the longest context)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
     p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, ...)")
 
@@ -147,10 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-file", metavar="FILE", help="a file whose bytes are the prompt")
     p.add_argument("--max-new-tokens", type=_non_negative_int, default=200, metavar="N",
                    help="bytes to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="> 0 (default 1.0)")
+    p.add_argument("--temperature", type=_positive_float, default=None, metavar="T",
+                   help="divides the logits before sampling, > 0 (default 1.0)")
     p.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="keep the K most likely bytes")
-    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling, P in (0, 1]")
-    p.add_argument("--greedy", action="store_true", help="always the most likely byte (no sampling)")
+    p.add_argument("--top-p", type=_probability, default=None, metavar="P",
+                   help="nucleus sampling: keep the most likely bytes until their probability reaches P, in (0, 1]")
+    p.add_argument("--greedy", action="store_true",
+                   help="always the most likely byte (no sampling; not with --temperature/--top-k/--top-p/--seed)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
@@ -208,6 +238,11 @@ def _generate(args) -> int:
     from .generation import generate_text
     from .training.errors import UserInputError
 
+    sampling = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                         ("--top-p", args.top_p), ("--seed", args.seed)) if value is not None]
+    if args.greedy and sampling:
+        raise UserInputError(f"--greedy takes the most likely byte every time; {', '.join(sampling)} "
+                             "would have no effect: drop one or the other")
     if args.prompt is not None:
         prompt = args.prompt.encode("utf-8")
     else:
@@ -217,7 +252,7 @@ def _generate(args) -> int:
             raise UserInputError(f"--prompt-file: cannot read {args.prompt_file}: {err.strerror}") from None
     try:
         generate_text(args.checkpoint, prompt, sys.stdout, max_new_tokens=args.max_new_tokens,
-                      do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
+                      do_sample=not args.greedy, temperature=args.temperature or 1.0, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, device=args.device, precision=args.precision)
     except (ValueError, TypeError) as err:  # generate's argument checks: bad input, not a bug
         raise UserInputError(str(err)) from None

@@ -339,10 +339,11 @@ def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_samp
     import contextlib
 
     from .training.checkpoint import load_checkpoint
+    from .training.distributed import resolve_device
 
     if not prompt:
         raise ValueError("the prompt is empty: give at least one byte")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model, _ = load_checkpoint(checkpoint, map_location=device)
     if model.encoder.num_embeddings != 256:
         raise ValueError(f"{checkpoint}: a byte-level model has 256 tokens, this one has "

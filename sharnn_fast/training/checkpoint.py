@@ -31,6 +31,7 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -58,17 +59,24 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     bare state_dict or a published whole-model pickle); a newer format version.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"checkpoint {path} is a folder; pass one of its checkpoints, e.g. "
+                             f"{path / 'best.pt'} or {path / 'last.pt'}")
     if not path.is_file():
         raise UserInputError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"{path} is not a sharnn_fast checkpoint: it holds pickled objects, which "
-                             f"are never loaded (weights_only=True): {first}") from None
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserInputError(f"{path} is not a sharnn_fast checkpoint: torch.load(weights_only=True) "
+                             "refused it (it is not a file torch.save wrote, or it holds Python objects "
+                             "other than tensors and plain values, which are never loaded)") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"{path} is truncated or corrupt: {first}") from None
+        raise UserInputError(f"{path} is truncated or corrupt ({_first_sentence(err)})") from None
+    except Exception as err:  # noqa: BLE001: whatever else torch.load trips on in a foreign file
+        raise UserInputError(f"{path} is not a sharnn_fast checkpoint ({type(err).__name__}: "
+                             f"{_first_sentence(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = " (it looks like a bare state_dict)" if isinstance(payload, dict) and payload and all(
             torch.is_tensor(v) for v in payload.values()) else ""
@@ -80,6 +88,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if missing:
         raise UserInputError(f"{path} is an incomplete checkpoint: no {', '.join(missing)}")
     return payload
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text.split(". ")[0] if text else type(err).__name__
 
 
 def check_architecture(checkpoint_config: dict, config: TrainConfig, path) -> None:

@@ -41,6 +41,17 @@ def setup(device: str | None) -> Context:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device, local_rank if world_size > 1 else None)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Context(rank, world_size, local_rank, device)
+
+
+def resolve_device(device: str | None, local_rank: int | None = None) -> torch.device:
+    """The torch.device for a ``--device`` value: None picks CUDA when available (cuda:local_rank
+    under torchrun), else the CPU; a CUDA device becomes the current one. Raises UserInputError
+    for a malformed name or a CUDA device on a machine without one."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -51,12 +62,9 @@ def setup(device: str | None) -> Context:
         if not torch.cuda.is_available():
             raise UserInputError(f"--device {device} asked for, but this machine's torch sees no CUDA GPU")
         if device.index is None:
-            device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+            device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    return Context(rank, world_size, local_rank, device)
+    return device
 
 
 def barrier(ctx: Context) -> None:

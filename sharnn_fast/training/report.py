@@ -144,8 +144,12 @@ def plot_metrics(folder, out=None) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110)
+    except (OSError, ValueError) as err:  # a missing folder, an image format matplotlib lacks
+        raise UserInputError(f"--out {out}: cannot write the plot ({' '.join(str(err).split())})") from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -55,8 +55,9 @@ def test_bad_input_gets_one_line_and_no_traceback(tmp_path, checkpoint, capsys):
                           "does not exist")
     cases = [
         (["--prompt", ""], ["prompt is empty"]),
-        (["--prompt", "a", "--temperature", "0"], ["temperature must be a finite number > 0"]),
-        (["--prompt", "a", "--top-p", "1.5"], ["top_p must be None or a number in (0, 1]"]),
+        (["--prompt", "a", "--temperature", "0"], ["argument --temperature", "use --greedy"]),
+        (["--prompt", "a", "--top-p", "1.5"], ["argument --top-p", "expected a number in (0, 1]"]),
+        (["--prompt", "a", "--greedy", "--top-k", "5", "--seed", "1"], ["--greedy", "--top-k, --seed would have no effect"]),
         (["--prompt-file", tmp_path / "none.txt"], ["--prompt-file: cannot read"]),
         (["--prompt", "a", "--max-new-tokens", "-1"], ["argument --max-new-tokens", "expected an integer >= 0"]),
         (["--prompt", "a", "--prompt-file", "x"], ["not allowed with argument"]),
@@ -64,3 +65,30 @@ def test_bad_input_gets_one_line_and_no_traceback(tmp_path, checkpoint, capsys):
     ]
     for extra, fragments in cases:
         assert_one_line_error(run_main(capsys, "generate", "--checkpoint", checkpoint, *extra), *fragments)
+
+
+def test_files_that_are_not_checkpoints_get_one_line(tmp_path, checkpoint, capsys):
+    (tmp_path / "text.pt").write_text("hello\n")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
+    for command in (["eval"], ["generate", "--prompt", "a"]):
+        for bad, fragments in ((tmp_path / "text.pt", ["is not a sharnn_fast checkpoint"]),
+                               (tmp_path / "noise.pt", ["is not a sharnn_fast checkpoint"]),
+                               (checkpoint.parent, ["is a folder", "best.pt"])):
+            result = run_main(capsys, command[0], "--checkpoint", bad, *command[1:])
+            assert_one_line_error(result, *fragments)
+            assert "weights_only set to False" not in result.stderr  # no advice to load unsafely
+    with pytest.raises(ValueError, match="is not a sharnn_fast checkpoint"):
+        sharnn_fast.load_checkpoint(tmp_path / "text.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_generate_on_a_missing_gpu_gets_one_line(checkpoint, capsys):
+    assert_one_line_error(run_main(capsys, "generate", "--checkpoint", checkpoint, "--prompt", "a",
+                                   "--device", "cuda"), "sees no CUDA GPU")
+
+
+def test_plot_to_a_bad_path_gets_one_line(checkpoint, capsys):
+    pytest.importorskip("matplotlib")
+    run = checkpoint.parent
+    assert_one_line_error(run_main(capsys, "plot", run, "--out", run / "missing" / "x.png"), "--out", "cannot write")
+    assert_one_line_error(run_main(capsys, "plot", run, "--out", run / "x.unknownformat"), "--out", "cannot write")
