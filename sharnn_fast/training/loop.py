@@ -1,7 +1,7 @@
 """The training loop (the SHA-RNN paper's enwik8 recipe) and bits-per-byte evaluation.
 
 Recipe (Merity 2019, arXiv:1911.11423, and its published training script; see docs and
-shared/SPEC.md "Paper recipe"): LAMB with a minimum trust ratio of 0.25, linear warmup then a
+docs/model.md, "The paper's recipe"): LAMB with a minimum trust ratio of 0.25, linear warmup then a
 constant lr, gradient clipping at 0.25, random sequence lengths around bptt, hidden state and
 attention memory carried from segment to segment and detached, evaluation carrying state across
 the whole split. Additions: gradient accumulation, bf16/fp16 autocast, torch.compile, DDP, exact
@@ -62,7 +62,7 @@ def make_config(preset: Optional[str], overrides: dict, resumed: Optional[dict] 
 
 def draw_sequence_length(bptt: int, generator: torch.Generator) -> int:
     """The published random segment length: bptt with probability 0.95, else bptt / 2; then
-    Normal(that, std 5), rounded down, at least 5, at most bptt (shared/SPEC.md)."""
+    Normal(that, std 5), rounded down, at least 5, at most bptt (docs/model.md)."""
     base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
     return min(bptt, max(5, int(torch.normal(float(base), 5.0, (1,), generator=generator).item())))
 
