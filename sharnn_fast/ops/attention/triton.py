@@ -1,4 +1,9 @@
-"""Triton kernels for ``ops.attention``: one head as wide as the model (d = 1024 in the paper).
+"""Triton kernels for ``ops.attention``: the flash-style kernel, and the dispatch between it and
+the materialised-scores path of ``triton_wide.py``. ``backend="triton"`` runs this kernel for heads
+up to ``WIDE_HEAD_MIN_D - 1`` = 256 wide, where the scores stay on chip, and the materialised path
+(cuBLAS products, fused Triton softmax) for wider heads such as the paper's d = 1024; see
+``triton_wide.py`` for why. The notes below are about this kernel, which still runs any width when
+forced (``path="flash"``).
 
 Sequence-first inputs, read through their strides (no copies): q [Tq, B, d], k [Tk, B, d],
 v [Tk, B, dv]; causal mask aligned to the end (query i sees keys 0 .. Tk - Tq + i).
