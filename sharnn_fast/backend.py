@@ -191,8 +191,11 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
         if autotuning.enabled() and autotuning.may_tune_now(device):
             tuned, why = autotuning.choose(op, implementations, device, args, tuning.dtype, tuning.bucket(),
                                          tuning.dropout, tuning.deterministic)
-            _record(op, tuned, why)
-            return tuned, implementations[tuned]
+            # A choice holds for its whole shape bucket; a backend with a shape limit inside the
+            # bucket (the cuda LSTM's planner) may still refuse these exact sizes.
+            if implementations[tuned].why_not(*args) is None:
+                _record(op, tuned, why)
+                return tuned, implementations[tuned]
 
     skipped = []
     preference = _AUTO_PREFERENCE.get(op, {}).get(device.type, _DEFAULT_PREFERENCE)

@@ -211,3 +211,19 @@ def test_autotune_model_tunes_every_op_up_front_and_leaves_the_model_alone():
     model(tokens)[0].sum().backward()  # training then reuses the choices: nothing measured again
     assert len(json.loads(autotuning.cache_path().read_text())["entries"]) == entries
     assert "autotuned" in sharnn_fast.explain()
+
+
+def test_a_tuned_backend_that_refuses_these_exact_sizes_falls_back(monkeypatch):
+    """A choice holds for a shape bucket; if the chosen backend cannot run a call inside it, the
+    static preference runs instead of an error."""
+    sharnn_fast.autotune(True)
+    ops.boom(*boom_inputs())
+    entry, = json.loads(autotuning.cache_path().read_text())["entries"].values()
+    chosen = entry["backend"]
+    refusing = backend.Implementation(boom_module.IMPLEMENTATIONS[chosen].run,
+                                      why_not=lambda x, *rest: "not this exact size" if x.shape[0] == 100 else None)
+    monkeypatch.setitem(boom_module.IMPLEMENTATIONS, chosen, refusing)
+    fallback = "reference" if chosen == "torch" else "torch"
+    monkeypatch.setattr(backend, "_AUTO_PREFERENCE", {"boom": {"cpu": (fallback,)}})
+    ops.boom(torch.randn(100, 16), *boom_inputs()[1:])  # same bucket (128 tokens)
+    assert sharnn_fast.explain().startswith(f"boom: {fallback} (auto on cpu, static preference")
