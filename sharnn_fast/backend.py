@@ -7,8 +7,10 @@ this way), then :func:`set_backend`, then the ``SHARNN_FAST_BACKEND`` environmen
 An op describes its implementations with :class:`Implementation`; :func:`choose` picks one. A backend
 asked for explicitly that cannot run raises :class:`BackendUnavailableError` saying why and how to fix
 it. ``"auto"`` walks the preference list for the device (fastest first, as measured by the benchmarks
-in ``benchmarks/``) and silently takes the first implementation that can run; :func:`explain` reports
-what ran and why.
+in ``benchmarks/``) and silently takes the first implementation that can run, or, with autotuning on,
+the choice :mod:`sharnn_fast.autotuning` measured and checked on this machine; :func:`explain` reports
+what ran and why. :func:`run` chooses, runs, and makes a higher-order gradient through an
+implementation whose backward is not differentiable raise instead of return a wrong value.
 """
 from __future__ import annotations
 
