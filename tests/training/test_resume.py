@@ -96,7 +96,7 @@ def test_bad_checkpoints_get_one_clear_error(tmp_path, corpus_file):
     with pytest.raises(UserInputError, match="not a sharnn_fast checkpoint .it looks like a bare state_dict"):
         sharnn_fast.load_checkpoint(tmp_path / "state_dict.pt")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled_module.pt")  # a whole-model pickle
-    with pytest.raises(UserInputError, match="pickled objects, which are never loaded"):
+    with pytest.raises(UserInputError, match="Python objects other than tensors and plain values, which are never loaded"):
         sharnn_fast.load_checkpoint(tmp_path / "pickled_module.pt")
     with pytest.raises(UserInputError, match="does not exist"):
         sharnn_fast.load_checkpoint(tmp_path / "missing.pt")
