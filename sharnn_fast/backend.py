@@ -23,6 +23,8 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
+from . import autotuning  # light: it imports nothing heavy until it tunes
+
 BACKENDS = ("reference", "torch", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
 ENV_VAR = "SHARNN_FAST_BACKEND"
@@ -189,7 +191,6 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
         return name, impl
 
     if tuning is not None:
-        from . import autotuning  # light: it imports nothing heavy until it tunes
         if autotuning.enabled() and autotuning.may_tune_now(device):
             tuned, why = autotuning.choose(op, implementations, device, args, tuning.dtype, tuning.bucket(),
                                          tuning.dropout, tuning.deterministic)
