@@ -93,7 +93,7 @@ def test_attention(bench, width, Tk_index, mode, device):
             if device.type != "cuda":
                 skipped[name] = "triton runs on CPU only in its interpreter, which is not a benchmark"
                 continue
-            from sharnn_fast.ops.attention.triton_wide import uses_materialised_scores
+            from sharnn_fast.ops.attention.materialised import uses_materialised_scores
             path = name.split()[1]
             variants[name] = Variant(step(triton_path(path)), info=dict(
                 backend_triton_takes_it=(path == "wide") == uses_materialised_scores(d)))

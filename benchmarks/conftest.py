@@ -194,12 +194,14 @@ class Bench:
                              f"own name, or its ratios would be taken against another case's baseline")
         variants = {name: v if isinstance(v, Variant) else Variant(v) for name, v in variants.items()}
         skipped = [dict(group=group, variant=name, reason=reason) for name, reason in (skipped or {}).items()]
-        if not self.timing:
-            for variant in variants.values():
-                variant.run()
-            synchronize(self.device)
+        # One first call of each variant (measuring peak memory on CUDA). A variant that raises is
+        # listed as FAILED with its error and the others are still timed; the case then fails.
+        memory, failed = self._first_calls(variants)
+        skipped += [dict(group=group, variant=name, reason=f"FAILED: {error}") for name, error in failed.items()]
+        if not self.timing or baseline in failed:
+            _fail_variants(group, failed)
             return []
-        memory = self._peak_memory(variants) if self.device.type == "cuda" else {}
+        variants = {name: v for name, v in variants.items() if name not in failed}
         protocol = self.protocol(budget)
         timings, stopped = interleaved({name: v.run for name, v in variants.items()}, protocol,
                                        sync=lambda: synchronize(self.device))
@@ -231,17 +233,31 @@ class Bench:
                                      target_rel_ci=protocol.target_rel_ci,
                                      budgets_s=BUDGETS_S[self.device.type],
                                      case_budget_s=self.config.getoption("case_budget", default=None)))
+        _fail_variants(group, failed)
         return rows
 
-    def _peak_memory(self, variants) -> dict:
-        """GiB allocated at most by one call of each variant (also a first warm-up call)."""
-        memory = {}
+    def _first_calls(self, variants) -> tuple[dict, dict]:
+        """Call each variant once: ({name: GiB allocated at most by the call, on CUDA},
+        {name: the error of a variant that raised, one line})."""
+        memory, failed = {}, {}
         for name, variant in variants.items():
-            torch.cuda.reset_peak_memory_stats(self.device)
-            variant.run()
-            synchronize(self.device)
-            memory[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return memory
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                variant.run()
+                synchronize(self.device)
+            except Exception as err:  # reported with the case, which then fails
+                failed[name] = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+                continue
+            if self.device.type == "cuda":
+                memory[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return memory, failed
+
+
+def _fail_variants(group: str, failed: dict) -> None:
+    if failed:
+        pytest.fail(f"{group}: " + "; ".join(f"{name} raised {error}" for name, error in failed.items()),
+                    pytrace=False)
 
 
 @pytest.fixture
@@ -256,6 +272,14 @@ def pytest_report_header(config):
 
 def pytest_configure(config):
     _run.command = shlex.join(["pytest", *config.invocation_params.args])
+
+
+def pytest_runtest_logreport(report):
+    """Print a failure the moment it happens: a run cut short by a time cap (tools/gpu_check.sh caps
+    each benchmark file) would otherwise lose it, since pytest prints failures at the end."""
+    if report.failed:
+        sys.stderr.write(f"\n---- FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
+        sys.stderr.flush()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -106,7 +106,13 @@ phase tests
 tests_deadline=$(( $(date +%s) + 150 ))
 per_file_cap=140
 plugins=()
-$py -c "import pytest_timeout" 2>/dev/null && plugins+=(-p pytest_timeout --timeout 100)
+# pytest-timeout loads itself through its entry point; naming it with -p as well stops pytest at
+# start-up ("Plugin already registered"), which cost the first GPU run every test. Only when plugin
+# autoloading is off does it need -p.
+if $py -c "import pytest_timeout" 2>/dev/null; then
+  if [ -n "${PYTEST_DISABLE_PLUGIN_AUTOLOAD:-}" ]; then plugins+=(-p pytest_timeout); fi
+  plugins+=(--timeout 100)
+fi
 workers=()
 $py -c "import xdist" 2>/dev/null && workers=(-n 3)
 # The GPU-heavy files first (they compile the most Triton kernels), so the 4 slots stay busy.

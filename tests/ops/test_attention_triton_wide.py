@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 import sharnn_fast  # noqa: E402
 from sharnn_fast import ops  # noqa: E402
 from sharnn_fast.ops.attention import triton as attention_triton_module  # noqa: E402
-from sharnn_fast.ops.attention import triton_wide  # noqa: E402
+from sharnn_fast.ops.attention import materialised, triton_wide  # noqa: E402
 import test_attention_triton as flash_tests  # noqa: E402
 from test_attention_triton import (_poison_outputs, attention_inputs, check_reduced_precision,  # noqa: E402,F401
                                    device, dropout_mask, run_attention)
@@ -37,7 +37,7 @@ FLASH_CHECKS = [flash_tests.test_strided_inputs_and_gradients,
 @pytest.fixture
 def wide_everywhere(monkeypatch):
     """Every head width takes the materialised path; the list counts its forward calls."""
-    monkeypatch.setattr(triton_wide, "WIDE_HEAD_MIN_D", 1)
+    monkeypatch.setattr(materialised, "WIDE_HEAD_MIN_D", 1)
     calls, op = [], triton_wide.attention_wide_fwd
     monkeypatch.setattr(triton_wide, "attention_wide_fwd", lambda *args: calls.append(args) or op(*args))
     return calls
@@ -46,7 +46,7 @@ def wide_everywhere(monkeypatch):
 @pytest.fixture
 def flash_everywhere(monkeypatch):
     """Every head width takes the flash kernel."""
-    monkeypatch.setattr(triton_wide, "WIDE_HEAD_MIN_D", 2**31)
+    monkeypatch.setattr(materialised, "WIDE_HEAD_MIN_D", 2**31)
 
 
 def explained_path():
@@ -63,7 +63,7 @@ def forced(path):
 def test_fp32_matches_reference_on_the_path_for_its_width(shape, device):
     inputs = attention_inputs(*shape, device=device)
     got = outputs_and_grads(run_attention("triton"), inputs)
-    wide = shape[3] >= triton_wide.WIDE_HEAD_MIN_D
+    wide = shape[3] >= materialised.WIDE_HEAD_MIN_D
     assert explained_path().startswith(f"triton (requested explicitly, on {device.type}); "
                                        + ("materialised scores: head width" if wide else "flash kernel: head width"))
     assert_all_close(got, outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
@@ -96,7 +96,7 @@ def test_flash_kernel_checks_pass_on_the_wide_path(check, device, wide_everywher
 
 def test_chunked_dropout_regenerates_the_same_mask(device, wide_everywhere, monkeypatch):
     """The same check with the forward in query chunks and the backward in single query rows."""
-    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", 10 * 82 * 4)
+    monkeypatch.setattr(materialised, "SCORES_MEMORY_BUDGET", 10 * 82 * 4)
     flash_tests.test_dropout_matches_reference_with_the_same_mask(device)
     assert "forward in chunks of 1 batch entries x 10 queries, backward in chunks of 1 batch entries x 1 queries" \
         in explained_path()
@@ -105,9 +105,9 @@ def test_chunked_dropout_regenerates_the_same_mask(device, wide_everywhere, monk
 def test_chunk_plan():
     """Whole batch entries first, query chunks only for an entry too large alone, with the fp32
     accumulators of dK and dV counted; one row is the floor."""
-    plan = triton_wide.chunk_plan
-    assert triton_wide.scratch_bytes_per_score(torch.bfloat16, backward=True) == 12
-    assert triton_wide.scratch_bytes_per_score(torch.float32, backward=False) == 4
+    plan = materialised.chunk_plan
+    assert materialised.scratch_bytes_per_score(torch.bfloat16, backward=True) == 12
+    assert materialised.scratch_bytes_per_score(torch.float32, backward=False) == 4
     assert plan(16, 1024, 5000, 1024, 1024, torch.bfloat16, backward=True) == (16, 1024)  # the paper's size
     entry = 1024 * 5000 * 12
     assert plan(16, 1024, 5000, 1024, 1024, torch.bfloat16, True, budget=5 * entry + 1) == (5, 1024)
@@ -119,7 +119,7 @@ def test_chunk_plan():
 def _budgets(Tq, Tk, B, d, dv):
     """Budgets that force (a) batch groups of 2 entries in backward, (b) query chunks of 10 in
     forward and single query rows (fp32 accumulation of dK, dV) in backward."""
-    entry = Tq * Tk * triton_wide.scratch_bytes_per_score(torch.float32, backward=True)
+    entry = Tq * Tk * materialised.scratch_bytes_per_score(torch.float32, backward=True)
     return {"batch groups": (2 * entry, (3, Tq), (2, Tq)),
             "query chunks": (10 * Tk * 4, (1, 10), (1, 1))}
 
@@ -128,10 +128,10 @@ def _budgets(Tq, Tk, B, d, dv):
 def test_chunked_path_matches_reference(split, device, monkeypatch):
     shape = (37, 82, 3, 300, 200)
     budget, forward_plan, backward_plan = _budgets(*shape)[split]
-    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", budget)
+    monkeypatch.setattr(materialised, "SCORES_MEMORY_BUDGET", budget)
     Tq, Tk, B, d, dv = shape
-    assert triton_wide.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=False) == forward_plan
-    assert triton_wide.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=True) == backward_plan
+    assert materialised.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=False) == forward_plan
+    assert materialised.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=True) == backward_plan
     inputs = attention_inputs(*shape, device=device)
     got = outputs_and_grads(run_attention("triton"), inputs)
     assert f"backward in chunks of {backward_plan[0]} batch entries x {backward_plan[1]} queries" in explained_path()
@@ -141,7 +141,7 @@ def test_chunked_path_matches_reference(split, device, monkeypatch):
 
 def test_query_chunks_accumulate_in_fp32(device, monkeypatch):
     """fp16 with dK and dV summed over single-query chunks: still within 2x the reference's error."""
-    monkeypatch.setattr(triton_wide, "SCORES_MEMORY_BUDGET", 1)
+    monkeypatch.setattr(materialised, "SCORES_MEMORY_BUDGET", 1)
     check_reduced_precision((9, 20, 2, 300, 300), torch.float16, device, draws=2)
 
 

@@ -52,6 +52,7 @@ import triton.language as tl
 from ...backend import Implementation, note_path
 from .._kernels import compute_dtype, triton_why_not
 from .._precision import triton_dot_precision
+from . import materialised
 
 # Tuning constants, the only place they live.
 #   BLOCK_M, BLOCK_N: query and key rows per tile. BLOCK_DK: width chunk of the Q.K^T and dO.V^T
@@ -490,7 +491,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attention_triton(q, k, v, dropout_p=0.0, training=False, path: Optional[str] = None):
     """ops.attention's arguments -> [Tq, B, dv]. Under autocast, q, k, v are cast to its dtype.
 
-    Heads of at least triton_wide.WIDE_HEAD_MIN_D take the materialised-scores path
+    Heads of at least materialised.WIDE_HEAD_MIN_D take the materialised-scores path
     (triton_wide.py), narrower ones the flash kernel of this file; ``path`` ("flash" or "wide")
     overrides the choice (benchmarks and tests). explain() says which ran and why."""
     dtype = compute_dtype(q)
@@ -499,7 +500,7 @@ def attention_triton(q, k, v, dropout_p=0.0, training=False, path: Optional[str]
     seed = (torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device) if p > 0.0 else None)
     if path not in (None, "flash", "wide"):
         raise ValueError(f"path must be None, 'flash' or 'wide', got {path!r}")
-    wide = triton_wide.uses_materialised_scores(q.shape[-1]) if path is None else path == "wide"
+    wide = materialised.uses_materialised_scores(q.shape[-1]) if path is None else path == "wide"
     note_path("attention", lambda: triton_wide.describe_path(q, k, v, wide))
     return (triton_wide.attention_wide_fwd if wide else attention_fwd)(q, k, v, p, seed)[0]
 

@@ -2,7 +2,9 @@
 
 Same contract as ``triton.py`` (sequence-first q [Tq, B, d], k [Tk, B, d], v [Tk, B, dv], Tk >= Tq,
 scale 1/sqrt(d), causal mask aligned to the end: query i sees keys 0 .. Tk - Tq + i); ``triton.py``'s
-``attention_triton`` sends a head here when it is at least WIDE_HEAD_MIN_D wide.
+``attention_triton`` sends a head here when it is at least materialised.WIDE_HEAD_MIN_D wide
+(materialised.py: the threshold, the chunk plan and the fp32 products, shared with the "torch"
+backend's wide path).
 
 Forward, per chunk of batch entries and queries (see "Memory" below):
   S = Q K^T (torch.bmm: cuBLAS on a GPU), float32 [Bc, Tc, Tk'];
@@ -31,9 +33,9 @@ Dropout: keep(b, i, j) = philox(seed, (b * Tq + i) * Tk + j) >= p, the flash ker
 (``triton._dropout_keep``), so both paths drop the same weights for the same seed, and the backward
 regenerates the mask from the seed instead of storing it.
 
-Memory: a pass's scratch (S, P and in backward dP~, dS, see SCRATCH_BYTES_PER_SCORE) for all of
+Memory: a pass's scratch (S, P and in backward dP~, dS, see materialised.scratch_bytes_per_score) for all of
 [B, Tq, Tk] may be large (12 bytes a score in bf16 backward: 0.98 GB at B 16, Tq 1024, Tk 5000). Above
-SCORES_MEMORY_BUDGET the work is split: first into groups of batch entries, and when one entry
+materialised.SCORES_MEMORY_BUDGET the work is split: first into groups of batch entries, and when one entry
 alone does not fit, into chunks of queries of one entry (dK and dV then add up over the chunks in
 float32 accumulators, counted in the budget). The smallest chunk, one query row of one entry
 (Tk scores), is taken even when it alone exceeds the budget.
@@ -44,7 +46,6 @@ to it, like cuBLAS), and the fake implementations give it shapes on any device.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -52,26 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dtypes import no_autocast
+from . import materialised
+from .materialised import add_product, autocast_off, batch_first, bmm_fp32, chunk_plan, chunks
 from .triton import LOG2_E, _check_lengths, _dropout_keep, _dropout_scale, _new_output
-
-# Heads at least this wide take the materialised path; narrower ones the flash kernel (triton.py).
-# Why 257: up to d = 256 the flash kernel holds a whole head's output tile on chip (one BLOCK_DV
-# chunk, so Q.K^T is computed once) and never writes the Tq x Tk scores: the regime flash attention
-# is built for (FlashAttention itself stops at 256). Above it, the flash kernel recomputes Q.K^T once
-# per 256-wide output chunk (4x in the forward at d = 1024, more in backward) and re-reads Q and K
-# from L2 at every step, while the materialised path's extra traffic (about 12 bytes a score in the
-# forward, 26 in backward, in bf16) is paid once against 4d (forward) or 10d (backward) FLOPs a score,
-# so it costs relatively less the wider the head: at H200 rates (about 990 TFLOP/s bf16, 4.8 TB/s)
-# it adds about 600/d of the forward's GEMM time and 540/d of the backward's. That count puts the
-# crossover between 256 and about 768; 257 follows the kernel's one-chunk limit until a GPU measures
-# both paths (benchmarks/bench_attention.py runs both at d 128 and 1024). Predicted, not measured.
-WIDE_HEAD_MIN_D = 257
-
-# Most bytes of scratch one pass may hold at once (forward or backward; the op's inputs, outputs and
-# saved log-sum-exp are not counted). 1 GiB holds the paper's size (B 16, Tq 1024, Tk 5000, bf16) in
-# one chunk, forward (0.49 GB) and backward (0.98 GB). Tests lower it to force the chunked path.
-SCORES_MEMORY_BUDGET = 1 << 30
 
 # Tuning of the softmax kernels, the only place it lives. GPU: a program holds at most
 # GPU_MAX_BLOCK_N scores in registers at once; a longer row takes two passes over memory (statistics,
@@ -87,55 +71,19 @@ INTERPRETER_BLOCK_N = 32
 INTERPRETER_BLOCK_M = 16
 
 
-def scratch_bytes_per_score(dtype: torch.dtype, backward: bool) -> int:
-    """Bytes of scratch per (batch entry, query, key) score: S in fp32 and P in ``dtype`` (written
-    over S for float32), and in backward dP~ and dS as well."""
-    per_product = 4 + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
-    return 2 * per_product if backward else per_product
-
-
-def chunk_plan(B: int, Tq: int, Tk: int, d: int, dv: int, dtype: torch.dtype, backward: bool,
-               budget: Optional[int] = None) -> tuple[int, int]:
-    """(batch entries, queries) per chunk so a pass's scratch stays within ``budget`` bytes
-    (default SCORES_MEMORY_BUDGET). Whole batch entries first: then dK and dV come out of one product
-    each; query chunks (one entry at a time) only when one entry alone does not fit."""
-    budget = SCORES_MEMORY_BUDGET if budget is None else budget
-    score_bytes = scratch_bytes_per_score(dtype, backward)
-    entry_bytes = Tq * Tk * score_bytes
-    if entry_bytes <= budget:
-        return min(B, budget // entry_bytes), Tq
-    accumulators = Tk * (d + dv) * 4 if backward else 0  # fp32 dK, dV of the entry
-    return 1, max(1, min(Tq, (budget - accumulators) // (Tk * score_bytes)))
-
-
-def _chunks(B: int, Tq: int, plan: tuple[int, int]):
-    """(first entry, end entry, [(first query, end query), ...]) for each group of batch entries."""
-    batch_step, query_step = plan
-    queries = [(r, min(r + query_step, Tq)) for r in range(0, Tq, query_step)]
-    return [(b, min(b + batch_step, B), queries) for b in range(0, B, batch_step)]
-
-
-def uses_materialised_scores(d: int) -> bool:
-    return d >= WIDE_HEAD_MIN_D
-
-
 def describe_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wide: bool) -> str:
     """What explain() says about the path taken for these inputs (``wide``: the materialised
     path), and why."""
     Tq, B, d = q.shape
-    if wide != uses_materialised_scores(d):
+    if wide != materialised.uses_materialised_scores(d):
         why = "asked for by the caller (path=...)"
     else:
-        why = f"head width d = {d} {'>=' if wide else '<'} WIDE_HEAD_MIN_D = {WIDE_HEAD_MIN_D}"
+        why = f"head width d = {d} {'>=' if wide else '<'} WIDE_HEAD_MIN_D = {materialised.WIDE_HEAD_MIN_D}"
     if not wide:
         return f"flash kernel: {why}, the scores stay on chip"
     Tk, dv = k.shape[0], v.shape[-1]
-    plans = []
-    for name, backward in (("forward", False), ("backward", True)):
-        batch_step, query_step = chunk_plan(B, Tq, Tk, d, dv, q.dtype, backward)
-        plans.append(f"{name} in chunks of {batch_step} batch entries x {query_step} queries")
-    return (f"materialised scores: {why}; cuBLAS products and fused Triton softmax; {', '.join(plans)} "
-            f"(budget {SCORES_MEMORY_BUDGET / 2**30:.3g} GiB of scratch)")
+    return (f"materialised scores: {why}; cuBLAS products and fused Triton softmax; "
+            f"{materialised.describe_plan(B, Tq, Tk, d, dv, q.dtype)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,39 +247,9 @@ def _softmax_config(row_len: int, like: torch.Tensor) -> dict:
 # Launchers, registered with torch.library
 # ------------------------------------------------------------------------------------------------
 
-def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b (batched) in float32: products and sums in fp32, fp32 result. On CUDA, cuBLAS with a
-    float32 output for 16-bit operands; elsewhere the operands are widened first, the same values
-    (a product of two 16-bit numbers is exact in fp32)."""
-    if a.dtype == torch.float32:
-        return torch.bmm(a, b)
-    if a.device.type == "cuda":
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
-
-
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (float32) += a @ b."""
-    if a.dtype == torch.float32:
-        acc.baddbmm_(a, b)
-    else:
-        acc.add_(_bmm_fp32(a, b))
-
-
 def _check_seed(dropout_p: float, seed: Optional[torch.Tensor]) -> None:
     if dropout_p > 0.0 and seed is None:
         raise ValueError(f"dropout_p = {dropout_p} needs seed, a [1] int64 tensor; got None")
-
-
-def _autocast_off(device: torch.device):
-    """Autocast off inside the ops: their inputs already are in the dtype to compute in, and the fp32
-    products must stay fp32. Meta tensors (the offline compile report) have no autocast."""
-    return no_autocast(device) if torch.amp.is_autocast_available(device.type) else contextlib.nullcontext()
-
-
-def _batch_first(*tensors: torch.Tensor):
-    """[T, B, width] -> [B, T, width] views (no copies: torch.bmm takes the strides)."""
-    return tuple(t.transpose(0, 1) for t in tensors)
 
 
 @torch.library.custom_op("sharnn_fast::attention_wide_fwd", mutates_args=())
@@ -347,14 +265,14 @@ def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
     _check_seed(dropout_p, seed)
     out = _new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
     lse = _new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
-    qb, kb, vb, ob = _batch_first(q, k, v, out)
+    qb, kb, vb, ob = batch_first(q, k, v, out)
     has_dropout = dropout_p > 0.0
     scale_log2 = LOG2_E / math.sqrt(d)
-    with _autocast_off(q.device):
-        for b0, b1, query_chunks in _chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, q.dtype, backward=False)):
+    with autocast_off(q.device):
+        for b0, b1, query_chunks in chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, q.dtype, backward=False)):
             for r0, r1 in query_chunks:
                 keys = Tk - Tq + r1  # the keys the chunk's last query sees
-                scores = _bmm_fp32(qb[b0:b1, r0:r1], kb[b0:b1, :keys].transpose(1, 2))  # [Bc, Tc, keys]
+                scores = bmm_fp32(qb[b0:b1, r0:r1], kb[b0:b1, :keys].transpose(1, 2))  # [Bc, Tc, keys]
                 probs = scores if q.dtype == torch.float32 else _new_output(scores.shape, q.dtype, q.device)
                 config = _softmax_config(keys, q)
                 attention_wide_softmax_fwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
@@ -384,12 +302,12 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq = _new_output(q.shape, dtype, device)  # [Tq, B, d]
     dk = _new_output(k.shape, dtype, device)  # [Tk, B, d]
     dv_ = _new_output(v.shape, dtype, device)  # [Tk, B, dv]
-    qb, kb, vb, dob, dqb, dkb, dvb = _batch_first(q, k, v, grad_out, dq, dk, dv_)
+    qb, kb, vb, dob, dqb, dkb, dvb = batch_first(q, k, v, grad_out, dq, dk, dv_)
     has_dropout = dropout_p > 0.0
     scale = 1.0 / math.sqrt(d)
     in_place = dtype == torch.float32
-    with _autocast_off(device):
-        for b0, b1, query_chunks in _chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, dtype, backward=True)):
+    with autocast_off(device):
+        for b0, b1, query_chunks in chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, dtype, backward=True)):
             # With several query chunks, dK and dV add up over them: in fp32, rounded once at the end.
             accumulate = len(query_chunks) > 1
             if accumulate:
@@ -398,8 +316,8 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             for r0, r1 in query_chunks:
                 keys = Tk - Tq + r1
                 q_c, k_c, v_c, do_c = qb[b0:b1, r0:r1], kb[b0:b1, :keys], vb[b0:b1, :keys], dob[b0:b1, r0:r1]
-                scores = _bmm_fp32(q_c, k_c.transpose(1, 2))  # [Bc, Tc, keys]
-                dprobs = _bmm_fp32(do_c, v_c.transpose(1, 2))  # [Bc, Tc, keys]
+                scores = bmm_fp32(q_c, k_c.transpose(1, 2))  # [Bc, Tc, keys]
+                dprobs = bmm_fp32(do_c, v_c.transpose(1, 2))  # [Bc, Tc, keys]
                 if in_place:
                     probs, dscores = scores, dprobs
                 else:
@@ -415,8 +333,8 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     HAS_DROPOUT=has_dropout, **config)
                 torch.bmm(dscores, k_c, out=dqb[b0:b1, r0:r1])
                 if accumulate:
-                    _add_product(dk_acc[:, :keys], dscores.transpose(1, 2), q_c)
-                    _add_product(dv_acc[:, :keys], probs.transpose(1, 2), do_c)
+                    add_product(dk_acc[:, :keys], dscores.transpose(1, 2), q_c)
+                    add_product(dv_acc[:, :keys], probs.transpose(1, 2), do_c)
                 else:  # one chunk of all Tq queries: keys == Tk
                     torch.bmm(dscores.transpose(1, 2), q_c, out=dkb[b0:b1])
                     torch.bmm(probs.transpose(1, 2), do_c, out=dvb[b0:b1])
