@@ -1,4 +1,5 @@
-"""ops.attention per backend (triton's two paths, torch = scaled_dot_product_attention, reference),
+"""ops.attention per backend (the torch backend's two paths, SDPA and materialised scores; triton's
+two paths, flash and materialised; reference),
 forward and forward+backward, with and without a memory in front of the keys, for the paper's wide
 head and a narrow one.
 
@@ -19,13 +20,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import Variant
 from sharnn_fast import ops
-from sharnn_fast.ops.attention.torch_native import attention_torch
+from sharnn_fast.ops.attention.torch_native import attention_torch, torch_path
 
 ATTENTION_SIZES = {
     "cuda": dict(Tq=1024, Tk=(1024, 5000), B=16, d=dict(wide=1024, narrow=128), dtype="bfloat16"),
     "cpu": dict(Tq=64, Tk=(64, 160), B=2, d=dict(wide=320, narrow=64), dtype="float32"),
 }
-VARIANTS = ["torch", "reference", "triton flash", "triton wide"]  # torch first: the baseline
+# torch first: the baseline. "torch sdpa" and "torch materialised" are the torch backend with its path
+# forced; the one that "torch" itself takes at that width and device is not run twice.
+VARIANTS = ["torch", "torch sdpa", "torch materialised", "reference", "triton flash", "triton wide"]
 MODES = ["forward", "forward+backward"]
 DROPOUT = 0.1  # the paper's dropouth, applied to the weights in training
 
@@ -40,7 +43,7 @@ def sdpa_backend_used(q, k, v, dropout_p):
             continue
         try:
             with sdpa_kernel([backend]), torch.no_grad():
-                attention_torch(q, k, v, dropout_p, training=dropout_p > 0)
+                attention_torch(q, k, v, dropout_p, training=dropout_p > 0, path="sdpa")
             return backend.name.lower()
         except RuntimeError:
             continue
@@ -50,6 +53,11 @@ def sdpa_backend_used(q, k, v, dropout_p):
 def causal_pairs(Tq, Tk, B):
     """(query, key) pairs the mask leaves visible: query i sees Tk - Tq + i + 1 keys."""
     return B * (Tq * (Tk - Tq) + Tq * (Tq + 1) // 2)
+
+
+def torch_forced(path):
+    """ops.attention's torch backend with its path forced ("sdpa" or "materialised")."""
+    return lambda q, k, v, dropout_p, training: attention_torch(q, k, v, dropout_p, training, path=path)
 
 
 def triton_path(path):
@@ -98,8 +106,20 @@ def test_attention(bench, width, Tk_index, mode, device):
             variants[name] = Variant(step(triton_path(path)), info=dict(
                 backend_triton_takes_it=(path == "wide") == uses_materialised_scores(d)))
         elif name == "torch":
-            variants[name] = Variant(step(backend(name)), info=dict(
-                sdpa_backend=sdpa_backend_used(q.detach(), k.detach(), v.detach(), dropout_p)))
+            path = torch_path(device, d, dtype)
+            info = dict(path=path)
+            if path == "sdpa":
+                info["sdpa_backend"] = sdpa_backend_used(q.detach(), k.detach(), v.detach(), dropout_p)
+            variants[name] = Variant(step(backend(name)), info=info)
+        elif name.startswith("torch "):
+            path = name.split()[1]
+            if path == torch_path(device, d, dtype):
+                skipped[name] = f"the same as torch at this width on {device.type}"
+                continue
+            info = dict(path=path)
+            if path == "sdpa":
+                info["sdpa_backend"] = sdpa_backend_used(q.detach(), k.detach(), v.detach(), dropout_p)
+            variants[name] = Variant(step(torch_forced(path)), info=info)
         else:
             variants[name] = Variant(step(backend(name)))
 

@@ -94,6 +94,9 @@ def pytest_addoption(parser):
     group.addoption("--case-budget", type=float, default=None, metavar="SECONDS",
                     help="seconds of timed rounds per case (default: per device and kind of case, "
                          "see BUDGETS_S in benchmarks/conftest.py)")
+    group.addoption("--min-rounds", type=int, default=None, metavar="N",
+                    help="timed rounds per variant at least, even past the case's budget (default 10, "
+                         "see harness/timing.py); tools/gpu_check.sh uses fewer to fit its lease")
     group.addoption("--remeasure-peaks", action="store_true",
                     help="measure this machine's peak rates again instead of using the cached ones")
 
@@ -171,7 +174,9 @@ class Bench:
 
     def protocol(self, budget: str) -> Protocol:
         budget_s = self.config.getoption("case_budget", default=None) or BUDGETS_S[self.device.type][budget]
-        return Protocol(budget_s=budget_s, min_sample_s=MIN_SAMPLE_S[self.device.type])
+        min_rounds = self.config.getoption("min_rounds", default=None)
+        extra = dict(min_rounds=min_rounds) if min_rounds else {}
+        return Protocol(budget_s=budget_s, min_sample_s=MIN_SAMPLE_S[self.device.type], **extra)
 
     def compare(self, group: str, variants: dict, *, baseline: str, size: dict, work: Optional[dict] = None,
                 skipped: Optional[dict] = None, budget: str = "op") -> list:

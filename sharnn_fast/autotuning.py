@@ -62,6 +62,7 @@ TIMED_CALLS = 5  # after one warm-up call; the median is kept
 CHECK_BACKENDS = ("torch", "reference")  # the first that can run is what the others are checked against
 
 _enabled: Optional[bool] = None
+_tuning_seconds = 0.0  # wall time spent in tune() by this process
 _choices: dict[tuple, tuple[dict, str]] = {}  # (op, device, dtype, bucket, ...) -> (entry, where)
 _disk: Optional[dict] = None  # the cache file's entries, loaded once
 _warned_cache = False
@@ -240,10 +241,25 @@ def choose(op: str, implementations: Mapping, device: torch.device, args: tuple,
     return entry["backend"], describe(entry, where)
 
 
+def tuning_seconds() -> float:
+    """Seconds this process has spent measuring backends (checks and timings) so far."""
+    return _tuning_seconds
+
+
 def tune(op: str, key: str, implementations: Mapping, device: torch.device, args: tuple,
          deterministic: Callable[[tuple], tuple], backward: bool) -> dict:
     """Check and time every backend that can run ``args``; returns the cache entry
     ``{"backend", "times_ms", "excluded"}``."""
+    global _tuning_seconds
+    started = time.perf_counter()
+    try:
+        return _tune(op, key, implementations, device, args, deterministic, backward)
+    finally:
+        _tuning_seconds += time.perf_counter() - started
+
+
+def _tune(op: str, key: str, implementations: Mapping, device: torch.device, args: tuple,
+          deterministic: Callable[[tuple], tuple], backward: bool) -> dict:
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -48,6 +48,7 @@ _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"),
                            "a number > 0 (for the most likely byte every time, use --greedy)")
+_on_off = _checked(lambda text: {"on": True, "off": False}.get(text), lambda v: v is not None, "on or off")
 _probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
@@ -73,6 +74,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
                      help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; fp16 uses a GradScaler)")
     run.add_argument("--backend", default=S, help="kernel backend: reference, torch, triton, cuda or auto")
+    run.add_argument("--autotune", type=_on_off, default=S, metavar="on|off",
+                     help="measure every backend of each op at the first step (real segment length, batch, "
+                     "precision, training mode), check each against torch, and let \"auto\" use the fastest; "
+                     "one line and metrics.jsonl say what was measured and chosen (default: on with a GPU, "
+                     "off on a CPU; only --backend auto is tuned)")
     run.add_argument("--compile", action="store_true", default=S, help="torch.compile the model and loss (for now it recompiles for each new segment length)")
 
     hp = p.add_argument_group("hyperparameters (published main.py names)")

@@ -57,6 +57,7 @@ class TrainConfig:
     precision: Optional[str] = None  # None: bf16 on a GPU that has it, else fp32
     backend: Optional[str] = None
     compile: bool = False
+    autotune: Optional[bool] = None  # tune "auto" at the first step; None: on where a GPU trains, off on a CPU
     preset: str = "custom"
     extra: dict = field(default_factory=dict)  # room for later fields without a format change
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import autotuning
+from ..backend import explain, get_backend
 from . import distributed
 from .checkpoint import check_architecture, read_checkpoint, save_checkpoint
 from .config import ARCHITECTURE_KEYS, TrainConfig, build_model, default_preset, preset_config, validate
@@ -179,6 +181,10 @@ class Trainer:
         self.ddp = distributed.wrap(self.loss_module, ctx)
         self.forward = torch.compile(self.ddp) if c.compile else self.ddp
         self.autocast = autocast_context(self.device, self.precision)
+        # Autotuning (autotuning.py): on by default where a GPU trains. It tunes at the first step,
+        # where every op first runs with the real segment length, batch, dtype and mode.
+        self.autotune = c.autotune if c.autotune is not None else self.device.type == "cuda"
+        self.autotune_reported = False
         self.metrics = MetricsLog(self.save_dir, ctx.is_main, resume_step=self.step if resume else None) \
             if self.save_dir is not None else None
         self.progress = Progress(total=self.total_steps(), initial=self.step, enabled=ctx.is_main and progress)
@@ -396,7 +402,7 @@ class Trainer:
         self._started = self._last_log_time = time.perf_counter()
         for notice in self.notices:
             self.progress.message(f"note: {notice}")
-        with self._signals_caught():
+        with self._signals_caught(), self._autotuning():
             try:
                 while not self.finished() and self.advance():
                     pass
@@ -413,12 +419,50 @@ class Trainer:
         test = self.evaluate_split("test")
         return self._summary(stopped="finished", valid=valid, test=test, exit_code=0)
 
+    @contextlib.contextmanager
+    def _autotuning(self):
+        """Autotuning on for the run when asked (and back as it was after): "auto" measures each op's
+        backends the first time it meets a shape bucket (see sharnn_fast.autotuning)."""
+        if not self.autotune:
+            yield
+            return
+        autotuning.autotune(True)
+        try:
+            yield
+        finally:
+            autotuning.autotune(None)
+
+    def report_autotuning(self, seconds: float, length: int) -> dict:
+        """After the first step of a tuned run: one line (and a metrics.jsonl event, split
+        "autotune") with what was measured, what was chosen and how long tuning took."""
+        backend = self.config.backend or get_backend()
+        choices = {}
+        if backend != "auto":
+            text = f"autotune: nothing tuned, --backend {backend} was asked for (only auto is tuned)"
+        elif self.config.compile:
+            text = ("autotune: nothing tuned under --compile (ops cannot be timed while torch.compile "
+                    "traces them); \"auto\" uses its static preference")
+        else:
+            choices = dict(line.split(": ", 1) for line in explain().splitlines() if ": " in line)
+            text = (f"autotune: {seconds:.1f} s at the first step (T {length}, B {self.config.batch_size}, "
+                    f"{self.precision}, training): " + "; ".join(f"{op}: {why}" for op, why in choices.items()))
+        self.progress.message(text)
+        return dict(step=self.step, split="autotune", seconds=round(seconds, 3), backend=backend,
+                    precision=self.precision, segment_length=length, choices=choices)
+
     def advance(self) -> bool:
         """One turn of the loop: a step, then logging and evaluation when their interval comes.
         Returns False when a signal asked the run to stop (several ranks stop together, at a
         flush where they all agreed to)."""
         c = self.config
+        tuned_before, tokens_before = autotuning.tuning_seconds(), self.tokens
         self.train_step()
+        if self.autotune and not self.autotune_reported:  # the first step of this run
+            self.autotune_reported = True
+            event = self.report_autotuning(autotuning.tuning_seconds() - tuned_before,
+                                           (self.tokens - tokens_before) // self.global_batch)
+            if self.metrics is not None:
+                self.metrics.write(event)
         self.progress.step()
         if self.step % c.log_interval == 0:
             self._log(self.flush())
