@@ -136,5 +136,5 @@ def test_lstm(bench, device, dtype_name, mode):
             continue
         variants[variant] = lstm_step(args, dy, backend, mode, graphs="0" if variant == "triton-launches" else None)
     size = dict(size, dtype=dtype_name)
-    bench.compare(f"lstm {mode}", variants, baseline=baseline, size=size, work=work(dtype_name),
+    bench.compare(f"lstm {mode} {dtype_name}", variants, baseline=baseline, size=size, work=work(dtype_name),
                   skipped=skipped)
