@@ -16,7 +16,9 @@ TOLERANCE = {
     # 1.2-2.5e-4 that single-pass tf32 gives on the tests' shapes, so a kernel falling back to
     # Triton's tf32 default fails.
     "tf32x3": 1e-4,
-    "tf32": 3e-4,  # float32 inputs through single-pass tf32 tensor cores (cuDNN's default)
+    # float32 inputs through single-pass tf32 tensor cores (cuDNN's default): cuDNN's LSTM measured
+    # up to 6.0e-4 on an H200 (2026-12-04) on the tests' shapes
+    "tf32": 1e-3,
 }
 # What each backend's float32 matrix products use on a GPU; README.md, "Precision of float32
 # inputs", says the same. On CPU every backend multiplies in float32 (the Triton interpreter too).

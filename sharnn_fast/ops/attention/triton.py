@@ -161,6 +161,11 @@ def attention_fwd_kernel(
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Program = (query block, dv block, batch): o[rows, b, dv block] and, for dv block 0, lse[b, rows]."""
+    # Under torch.compile, Inductor passes Python floats as fp64, which would promote the math (and
+    # break tl.dot's fp32 accumulator): compute with them in fp32 whatever the launcher passes.
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
+    dropout_scale = tl.cast(dropout_scale, tl.float32)
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # most work first
     pid_v = tl.program_id(1)
     batch = tl.program_id(2)
@@ -252,6 +257,12 @@ def attention_bwd_dkdv_kernel(
     Works in transposed orientation ([keys, queries] tiles) so both products reduce over queries
     without a transpose in registers.
     """
+    # Under torch.compile, Inductor passes Python floats as fp64, which would promote the math (and
+    # break tl.dot's fp32 accumulator): compute with them in fp32 whatever the launcher passes.
+    scale = tl.cast(scale, tl.float32)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
+    dropout_scale = tl.cast(dropout_scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N
     pid_c = tl.program_id(1)
     batch = tl.program_id(2)
@@ -325,6 +336,12 @@ def attention_bwd_dq_kernel(
         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program = (query block, column chunk, batch): dQ[rows, b, chunk]."""
+    # Under torch.compile, Inductor passes Python floats as fp64, which would promote the math (and
+    # break tl.dot's fp32 accumulator): compute with them in fp32 whatever the launcher passes.
+    scale = tl.cast(scale, tl.float32)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
+    dropout_scale = tl.cast(dropout_scale, tl.float32)
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # most work first
     pid_c = tl.program_id(1)
     batch = tl.program_id(2)

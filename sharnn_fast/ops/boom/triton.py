@@ -122,6 +122,9 @@ def boom_fwd_kernel(x_ptr, w_ptr, b_ptr, seed_ptr, y_ptr, N, D, F,
                     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = sum over chunks c of dropout(GELU(z[m, c*D + n])); grid (N / BLOCK_M, D / BLOCK_N)."""
+    # Under torch.compile, Inductor passes Python floats as fp64, which would promote the math (and
+    # break tl.dot's fp32 accumulator): compute with them in fp32 whatever the launcher passes.
+    keep_scale = tl.cast(keep_scale, tl.float32)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_start = tl.program_id(1) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -164,6 +167,9 @@ def boom_bwd_dz_kernel(x_ptr, w_ptr, b_ptr, seed_ptr, dy_ptr, dz_ptr, db_partial
     """dz[m, c*D + n] = dy[m, n] * keep * scale * GELU'(z[m, c*D + n]) with z recomputed, and
     db_partial[block of m, f] = sum over the block's tokens of dz; grid (N / BLOCK_M,
     F / D * D / BLOCK_N): a tile stays inside one chunk c, as in the forward."""
+    # Under torch.compile, Inductor passes Python floats as fp64, which would promote the math (and
+    # break tl.dot's fp32 accumulator): compute with them in fp32 whatever the launcher passes.
+    keep_scale = tl.cast(keep_scale, tl.float32)
     pid_m = tl.program_id(0)
     n_blocks = tl.cdiv(D, BLOCK_N)
     c = tl.program_id(1) // n_blocks
