@@ -88,7 +88,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         hp.add_argument(flag, type=kind, default=S, help=text)
     hp.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=S, help=argparse.SUPPRESS)
     hp.add_argument("--optimizer", default=S, choices=("lamb", "adamw", "sgd"),
-                    help="lamb (minimum trust ratio 0.25, the paper's), adamw or sgd")
+                    help="lamb (the paper's: weight norm clamped at 10, minimum trust ratio 0.25), adamw or sgd")
     hp.add_argument("--attn-layers", dest="attn_layers", default=S, metavar="all|I,J",
                     help="blocks with attention (default: the second-to-last, as published)")
     hp.add_argument("--schedule", default=S, choices=("constant", "cosine"),

@@ -12,7 +12,8 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
   published; smaller in the tiny preset).
 - ``model``: the SHARNN ``state_dict`` (the published model's parameter names and shapes; the
   parameters' dtype, float32 unless trained otherwise).
-- ``optimizer``: the optimizer's ``state_dict`` (LAMB: ``exp_avg``, ``exp_avg_sq`` per parameter).
+- ``optimizer``: the optimizer's ``state_dict`` (LAMB: ``exp_avg``, ``exp_avg_sq`` per parameter;
+  its groups hold ``max_weight_norm``, the clamp on the weight norm in the trust ratio, 10).
 - ``scaler``: the fp16 GradScaler's ``state_dict``, or None.
 - ``progress``: ``step`` (optimizer steps done), ``epoch`` (finished epochs), ``position`` (byte
   offset in each training column where the next segment starts), ``tokens`` (tokens trained on,
@@ -26,7 +27,14 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
   ``mems`` a list per block of [M, G, emsize] tensors (None for blocks without attention); or None
   at the start of an epoch.
 
-``best.pt`` has the same layout. :func:`load_checkpoint` rebuilds the model for inference.
+``best.pt`` has the same layout.
+
+Changes within version 1:
+
+- LAMB's trust ratio clamps the weight norm at 10, as the published "minimum trust" LAMB does
+  (sharnn_fast 0.1 did not). A checkpoint whose LAMB groups have no ``max_weight_norm`` was written
+  without the clamp; it still loads and resumes, but continues under the clamp (``sharnn train``
+  prints a note), so a resumed run no longer matches what the old version would have done. :func:`load_checkpoint` rebuilds the model for inference.
 """
 from __future__ import annotations
 

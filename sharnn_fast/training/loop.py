@@ -1,7 +1,8 @@
 """The training loop (the SHA-RNN paper's enwik8 recipe) and bits-per-byte evaluation.
 
 Recipe (Merity 2019, arXiv:1911.11423, and its published training script; see docs and
-docs/model.md, "The paper's recipe"): LAMB with a minimum trust ratio of 0.25, linear warmup then a
+docs/model.md, "The paper's recipe"): LAMB with the weight norm clamped at 10 in the trust ratio
+and a minimum trust ratio of 0.25, linear warmup then a
 constant lr, gradient clipping at 0.25, random sequence lengths around bptt, hidden state and
 attention memory carried from segment to segment and detached, evaluation carrying state across
 the whole split. Additions: gradient accumulation, bf16/fp16 autocast, torch.compile, DDP, exact
@@ -240,6 +241,10 @@ class Trainer:
 
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["model"])
+        if self.config.optimizer == "lamb" and not all(
+                "max_weight_norm" in group for group in payload["optimizer"].get("param_groups", [])):
+            self.notices.append("the checkpoint's LAMB did not clamp the weight norm at 10 (sharnn_fast 0.1); "
+                                "it continues with the published clamp, so its steps differ from the old rule's")
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError) as err:

@@ -122,3 +122,16 @@ def test_bf16_autocast_on_cpu_trains_and_checkpoints_float32_weights(tmp_path, c
     assert "bf16" in summary["model"] and math.isfinite(summary["valid_bpc"])
     weights = read_checkpoint(tmp_path / "last.pt")["model"]
     assert all(v.dtype == torch.float32 for v in weights.values())  # autocast: the weights stay fp32
+
+
+def test_resuming_a_checkpoint_from_before_the_lamb_clamp_says_so(tmp_path, corpus_file, capsys):
+    run(corpus_file, tmp_path, max_steps=1)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    for group in payload["optimizer"]["param_groups"]:
+        del group["max_weight_norm"]  # as sharnn_fast 0.1 wrote it
+    torch.save(payload, tmp_path / "old.pt")
+    summary = train(None, {"max_steps": 2}, resume_path=tmp_path / "old.pt", save_dir=tmp_path / "resumed")
+    assert summary["exit_code"] == 0
+    assert "did not clamp the weight norm at 10" in capsys.readouterr().out
+    groups = read_checkpoint(tmp_path / "resumed" / "last.pt")["optimizer"]["param_groups"]
+    assert all(group["max_weight_norm"] == 10.0 for group in groups)
