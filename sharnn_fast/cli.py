@@ -202,11 +202,12 @@ def _prepare(args) -> int:
 
 def _eval(args) -> int:
     from .training.loop import evaluate_checkpoint
+    from .training.report import strict_json
 
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                  device=args.device, precision=args.precision)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json(result))
     else:
         print(f"{result['split']}: {result['bpc']:.4f} bpc ({result['loss']:.4f} nats per byte) over "
               f"{result['tokens']:,} bytes; {result['checkpoint']} (step {result['step']:,}); {result['data']}")

@@ -27,7 +27,9 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
   ``mems`` a list per block of [M, G, emsize] tensors (None for blocks without attention); or None
   at the start of an epoch.
 
-``best.pt`` has the same layout.
+``best.pt`` has the same layout. No checkpoint holds a NaN or inf weight: training stops instead of
+saving one (naming the last good checkpoint), and reading one is an error; ``best_valid_bpc`` is
+always a finite number or None.
 
 Changes within version 1:
 
@@ -95,7 +97,28 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     missing = [k for k in ("config", "model", "optimizer", "progress", "rng") if k not in payload]
     if missing:
         raise UserInputError(f"{path} is an incomplete checkpoint: no {', '.join(missing)}")
+    bad = non_finite_tensors(payload["model"])
+    if bad:
+        raise UserInputError(f"{path} holds NaN or inf weights ({describe_tensors(bad)}): it was saved by a run "
+                             f"that had diverged; use an earlier checkpoint")
     return payload
+
+
+def non_finite_tensors(state: dict) -> dict:
+    """{name: number of NaN or inf elements} for the floating-point tensors of ``state`` that hold
+    any (one synchronisation when all are finite)."""
+    floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or torch.stack([torch.isfinite(v).all() for v in floats.values()]).all():
+        return {}
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in floats.items()}
+    return {k: n for k, n in counts.items() if n}
+
+
+def describe_tensors(counts: dict) -> str:
+    """'41,600 non-finite values in 3 tensors, first encoder.weight'."""
+    first = next(iter(counts))
+    return (f"{sum(counts.values()):,} non-finite values in {len(counts)} tensor"
+            f"{'s' if len(counts) > 1 else ''}, first {first}")
 
 
 def _first_sentence(err: BaseException) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -127,8 +128,8 @@ def validate(config: TrainConfig) -> None:
         if not 0.0 <= getattr(config, name) < 1.0:
             raise UserInputError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
     for name in ("lr", "wdecay", "clip"):
-        if not getattr(config, name) >= 0.0:
-            raise UserInputError(f"--{name} must be >= 0, got {getattr(config, name)}")
+        if not 0.0 <= getattr(config, name) < math.inf:
+            raise UserInputError(f"--{name} must be a finite number >= 0, got {getattr(config, name)}")
     if config.warmup < 0:
         raise UserInputError(f"--warmup must be >= 0, got {config.warmup}")
     if config.nhid % config.emsize:

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import pkgutil
 import sys
@@ -48,7 +49,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) != 3 or any(v <= 0 for v in values):
+    if len(values) != 3 or not all(0 < v < math.inf for v in values):
         raise UserInputError(f"--split must be three positive numbers for train,valid,test such as "
                              f"0.9,0.05,0.05 or 90/5/5, got {text!r}")
     total = sum(values)

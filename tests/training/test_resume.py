@@ -1,5 +1,5 @@
 """The training loop in-process: exact resume, gradient accumulation, evaluation against a hand
-computation, NaN stop, checkpoints (format, atomic writes, bad files)."""
+computation, checkpoints (format, atomic writes, bad files)."""
 import json
 import math
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sharnn_fast
-from sharnn_fast.training import TrainingDiverged, UserInputError, read_checkpoint, train
+from sharnn_fast.training import UserInputError, read_checkpoint, train
 from sharnn_fast.training._io import atomic_open
 from sharnn_fast.training.loop import evaluate_checkpoint, make_config
 from training_helpers import SMALL_CONFIG
@@ -65,13 +65,6 @@ def test_eval_bpc_matches_a_hand_computation(tmp_path, corpus_file):
             count += 749
     assert result["tokens"] == count
     assert result["bpc"] == pytest.approx(total / count / math.log(2), rel=1e-5)
-
-
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file):
-    with pytest.raises(TrainingDiverged, match=r"NaN or inf at step \d+: stopped; the last good checkpoint"):
-        run(corpus_file, tmp_path, max_steps=40, eval_interval=1, optimizer="sgd", lr=1e30, clip=0.0, warmup=0)
-    good = read_checkpoint(tmp_path / "last.pt")
-    assert all(torch.isfinite(v).all() for v in good["model"].values())
 
 
 def test_checkpoint_format_and_load_checkpoint(tmp_path, corpus_file):
