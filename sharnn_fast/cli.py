@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_non_negative_int, default=200, metavar="N",
                    help="bytes to generate (default 200)")
     p.add_argument("--temperature", type=_positive_float, default=None, metavar="T",
-                   help="divides the logits before sampling, > 0 (default 1.0)")
+                   help="divides the logits before sampling, > 0 (default 1.0; a tiny one tends to --greedy)")
     p.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="keep the K most likely bytes")
     p.add_argument("--top-p", type=_probability, default=None, metavar="P",
                    help="nucleus sampling: keep the most likely bytes until their probability reaches P, in (0, 1]")

@@ -66,9 +66,13 @@ def next_token_distribution(logits: torch.Tensor, temperature: float = 1.0, top_
     """Probabilities [B, V] (float32) of the next token after temperature, top-k and top-p.
 
     logits: [B, V], any float dtype. Tokens removed by top-k or top-p get probability exactly 0;
-    the rest are renormalised. Ties at the top-k boundary keep every tied token.
+    the rest are renormalised. Ties at the top-k boundary keep every tied token. Any temperature > 0
+    works, down to the smallest float (5e-324): the logits are shifted so that their maximum is 0
+    and divided in float64, so a tiny temperature sends the others to -inf (probability 0) rather
+    than overflowing to inf - inf = NaN; the limit is greedy, ties sharing the probability.
     """
-    scores = logits.float() / temperature
+    logits = logits.float()
+    scores = ((logits - logits.amax(-1, keepdim=True)).double() / temperature).float()  # [B, V], max 0
     if top_k is not None and top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]  # [B, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
