@@ -105,6 +105,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     hp.add_argument("--eval-batch-size", dest="eval_batch_size", type=_positive_int, default=S, metavar="N")
 
 
+def _add_inference_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default=None, choices=("reference", "torch", "triton", "cuda", "auto"),
+                   help="kernel backend (default: SHARNN_FAST_BACKEND if set, else the checkpoint's where "
+                   "it can run here, else auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sharnn", description="Train and evaluate SHA-RNN byte-level language models "
                      "(Merity 2019) with sharnn_fast.", epilog=EXAMPLES,
@@ -140,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns (default 10; 1 scores every byte, with the longest context)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
+    _add_inference_backend(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, ...)")
 
     p = commands.add_parser("generate", help="continue a prompt with a checkpoint, streaming the text",
@@ -164,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="bf16/fp16: autocast (default fp32)")
+    _add_inference_backend(p)
 
     p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)")
     p.add_argument("run_dir", help="a --save folder holding metrics.jsonl")
@@ -205,7 +213,7 @@ def _eval(args) -> int:
     from .training.report import strict_json
 
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
-                                 device=args.device, precision=args.precision)
+                                 device=args.device, precision=args.precision, backend=args.backend)
     if args.json:
         print(strict_json(result))
     else:
@@ -233,7 +241,8 @@ def _generate(args) -> int:
     try:
         generate_text(args.checkpoint, prompt, sys.stdout, max_new_tokens=args.max_new_tokens,
                       do_sample=not args.greedy, temperature=args.temperature or 1.0, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, device=args.device, precision=args.precision)
+                      top_p=args.top_p, seed=args.seed, device=args.device, precision=args.precision,
+                      backend=args.backend)
     except (ValueError, TypeError) as err:  # generate's argument checks: bad input, not a bug
         raise UserInputError(str(err)) from None
     print()

@@ -331,12 +331,13 @@ def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, 
 
 
 def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_sample=True, temperature=1.0,
-                  top_k=None, top_p=None, seed=None, device=None, precision="fp32") -> bytes:
+                  top_k=None, top_p=None, seed=None, device=None, precision="fp32", backend=None) -> bytes:
     """``sharnn generate``: continue the bytes ``prompt`` with the byte-level model of a
     ``sharnn train`` checkpoint, writing the new bytes to the text stream ``out`` as they come
     (decoded as UTF-8, invalid sequences replaced). Returns the new bytes.
 
     device: default CUDA if available, else CPU. precision: "fp32", or "bf16"/"fp16" autocast.
+    backend: None is the checkpoint's where it runs, else auto (see :func:`sharnn_fast.load_checkpoint`).
     Raises the errors of :func:`sharnn_fast.load_checkpoint` and :meth:`SHARNN.generate`.
     """
     import codecs
@@ -348,7 +349,7 @@ def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_samp
     if not prompt:
         raise ValueError("the prompt is empty: give at least one byte")
     device = resolve_device(device)
-    model, _ = load_checkpoint(checkpoint, map_location=device)
+    model, _ = load_checkpoint(checkpoint, map_location=device, backend=backend)
     if model.encoder.num_embeddings != 256:
         raise ValueError(f"{checkpoint}: a byte-level model has 256 tokens, this one has "
                          f"{model.encoder.num_embeddings}")

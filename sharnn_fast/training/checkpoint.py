@@ -135,21 +135,49 @@ def check_architecture(checkpoint_config: dict, config: TrainConfig, path) -> No
                                  f"{key}={ours!r}: drop the flag or start a new run")
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", backend=None):
     """Load a checkpoint written by ``sharnn train`` for inference: ``(model, config)``.
 
     model: the :class:`~sharnn_fast.SHARNN` with the checkpoint's weights, in eval mode, on
     ``map_location`` (default the CPU). config: the run's configuration as a plain dict
     (architecture, data, hyperparameters; see :mod:`sharnn_fast.training.checkpoint`).
+    backend: see :func:`model_from_checkpoint` (default: the saved one where it runs, else auto).
     Loads with ``torch.load(weights_only=True)``: no pickled code is ever run.
     Raises UserInputError (a ValueError) for a missing, truncated or foreign file.
     """
     payload = read_checkpoint(path, map_location="cpu")
-    config = TrainConfig.from_dict(payload["config"]).to_dict()
+    return model_from_checkpoint(payload, path, torch.device(map_location), backend), \
+        TrainConfig.from_dict(payload["config"]).to_dict()
+
+
+def model_from_checkpoint(payload: dict, path, device: torch.device, backend=None):
+    """The checkpoint's model with its weights, in eval mode, on ``device``.
+
+    A checkpoint's backend is the training run's preference, not part of the model. Which backend
+    the model gets, first match wins: ``backend`` when given (an explicit choice: if it cannot
+    run, the first forward says why); None, following the process-wide choice, when one was made
+    (:func:`sharnn_fast.set_backend` or ``SHARNN_FAST_BACKEND``); the saved backend when a
+    one-token forward on ``device`` runs with it; else None ("auto"). So a checkpoint trained with
+    the triton or cuda backend loads on a CPU.
+    """
+    from ..backend import BackendUnavailableError, get_backend, validate_backend
+
+    config = TrainConfig.from_dict(payload["config"])
+    if backend is not None:
+        config.backend = validate_backend(backend, argument="--backend")
+    elif get_backend() != "auto":
+        config.backend = None
     model = build_model(config)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         raise UserInputError(f"{path}: its weights do not fit the model its config describes "
                              f"({str(err).splitlines()[0]})") from None
-    return model.to(map_location).eval(), config
+    model = model.to(device).eval()
+    if backend is None and model.backend not in (None, "auto"):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        except BackendUnavailableError:
+            model.backend = None  # the saved preference cannot run here: auto
+    return model

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import check_architecture, describe_tensors, non_finite_tensors, read_checkpoint, save_checkpoint
+from .checkpoint import (check_architecture, describe_tensors, model_from_checkpoint, non_finite_tensors,
+                         read_checkpoint, save_checkpoint)
 from .config import ARCHITECTURE_KEYS, TrainConfig, build_model, default_preset, preset_config, validate
 from .data import BatchStream, load_corpus
 from .errors import UserInputError
@@ -563,15 +564,17 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
 
 
 def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: int = 10,
-                        device: Optional[str] = None, precision: Optional[str] = None) -> dict:
+                        device: Optional[str] = None, precision: Optional[str] = None,
+                        backend: Optional[str] = None) -> dict:
     """Bits per byte of a checkpoint on one split: ``{"split", "bpc", "loss" (nats per byte),
     "tokens" (bytes predicted), "checkpoint", "step", "data"}``.
 
     data: a prepared folder or a file; None uses the data the checkpoint was trained on. Segments
     of the checkpoint's bptt, state carried across the split (see :func:`evaluate`), ``batch_size``
     columns (the published script uses 10 for valid and 1 for test; 1 gives every byte the longest
-    context). precision: None is fp32 on a CPU, bf16 on a GPU that has it. Under torchrun the
-    columns are shared among the ranks.
+    context). precision: None is fp32 on a CPU, bf16 on a GPU that has it. backend: None is the
+    checkpoint's where it runs, else auto (see :func:`~.checkpoint.model_from_checkpoint`). Under
+    torchrun the columns are shared among the ranks.
     """
     if split not in ("train", "valid", "test"):
         raise UserInputError(f"--split must be train, valid or test, got {split!r}")
@@ -586,9 +589,8 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
             raise UserInputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
         corpus = load_corpus(data if data is not None else config.data, config.split)
         stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split)
-        model = build_model(config)
-        model.load_state_dict(payload["model"])
-        loss, count = evaluate(model.to(ctx.device), stream, bptt=config.bptt, precision=precision, ctx=ctx)
+        model = model_from_checkpoint(payload, path, ctx.device, backend)
+        loss, count = evaluate(model, stream, bptt=config.bptt, precision=precision, ctx=ctx)
         distributed.barrier(ctx)
         if not math.isfinite(loss):
             raise UserInputError(f"{path}: the loss over the {split} split came out {loss} although every weight "
