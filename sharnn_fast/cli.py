@@ -18,6 +18,8 @@ examples:
   sharnn train --data data/enwik8 --preset paper --save runs/paper
   torchrun --standalone --nproc_per_node 8 -m sharnn_fast train --data data/enwik8 --preset paper
   sharnn train --resume runs/paper/last.pt      # continue exactly where it stopped
+  sharnn train --resume runs/paper/best.pt --lr 1e-3 --seed 125 --epochs 37 --save runs/paper-stage2
+                                                # the paper's second stage: 5 more epochs
   sharnn eval --checkpoint runs/paper/best.pt --split test --batch-size 1 --json
   sharnn generate --checkpoint runs/paper/best.pt --prompt "The " --max-new-tokens 500 --top-p 0.95
   sharnn plot runs/paper
@@ -68,7 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      "(default: the resumed checkpoint's folder, else sharnn-runs/PRESET-TIME)")
     run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint")
     run.add_argument("--seed", type=int, default=S, help="random seed of the weights, dropout and lengths "
-                     "(default: the preset's, 5512 as published)")
+                     "(default: the preset's, 5512 as published). With --resume: dropout and lengths start "
+                     "afresh from it (the weights and optimizer continue); without, the resume is exact")
     run.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
                      help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; fp16 uses a GradScaler)")

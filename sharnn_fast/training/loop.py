@@ -143,7 +143,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, ctx: distributed.Context, *, save_dir: Optional[Path],
-                 resume: Optional[dict] = None, resume_path=None, progress: bool = True):
+                 resume: Optional[dict] = None, resume_path=None, reseed: bool = False, progress: bool = True):
         c = self.config = config
         self.ctx, self.device = ctx, ctx.device
         self.save_dir = Path(save_dir) if save_dir is not None else None
@@ -187,6 +187,8 @@ class Trainer:
         self.notices: list[str] = []
         if resume is not None:
             self._restore(resume)
+            if reseed:
+                self._reseed()
             if resume_path is not None:
                 self.last_good = (Path(resume_path), self.step)
 
@@ -268,6 +270,8 @@ class Trainer:
         except (ValueError, KeyError) as err:
             raise UserInputError(f"the checkpoint's optimizer state does not fit --optimizer "
                                  f"{self.config.optimizer}: {err}") from None
+        for group in self.optimizer.param_groups:  # the saved groups would bring back the old --wdecay
+            group["weight_decay"] = self.config.wdecay
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         p = payload["progress"]
@@ -291,6 +295,18 @@ class Trainer:
             raise UserInputError(f"the checkpoint stopped at byte {self.position:,} of each training column, "
                                  f"past the end of this data's columns ({self.train_stream.length:,} bytes): "
                                  f"resume with the same --data and --batch_size")
+
+    def _reseed(self) -> None:
+        """--seed given on resume (the paper's second stage: seed 125): the weights, optimizer,
+        schedule and data position continue, but dropout and the sequence lengths draw afresh from
+        the new seed, as a fresh run with that seed would."""
+        c = self.config
+        self.lengths.manual_seed(c.seed)
+        torch.manual_seed(c.seed + self.ctx.rank)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(c.seed + self.ctx.rank)
+        self.notices.append(f"--seed {c.seed}: dropout and sequence lengths draw from the new seed (weights, "
+                            f"optimizer and data position continue; not an exact continuation)")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self._started
@@ -541,6 +557,8 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
     torchrun, with DDP. Writes last.pt, best.pt and metrics.jsonl to ``save_dir`` (default: the
     resumed checkpoint's folder, else sharnn-runs/PRESET-TIME), prints the summary on rank 0 and
     returns it as a dict (``exit_code``: 0 finished, 128 + signal when stopped by one).
+    A resume continues exactly, random generators included, unless ``overrides`` holds a seed:
+    then dropout and the sequence lengths start afresh from it (the paper's second stage).
     Raises UserInputError for bad input and TrainingDiverged on a NaN or inf loss."""
     resume = read_checkpoint(resume_path) if resume_path is not None else None
     config = make_config(preset, dict(overrides or {}), resume["config"] if resume else None, resume_path)
@@ -553,7 +571,8 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
             raise UserInputError(f"--save {save_dir} exists and is not a folder")
         if ctx.is_main:
             save_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(config, ctx, save_dir=save_dir, resume=resume, resume_path=resume_path, progress=progress)
+        trainer = Trainer(config, ctx, save_dir=save_dir, resume=resume, resume_path=resume_path,
+                          reseed=resume is not None and "seed" in (overrides or {}), progress=progress)
         summary = trainer.run()
         distributed.barrier(ctx)
         if ctx.is_main:

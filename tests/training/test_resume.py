@@ -128,3 +128,25 @@ def test_resuming_a_checkpoint_from_before_the_lamb_clamp_says_so(tmp_path, corp
     assert "did not clamp the weight norm at 10" in capsys.readouterr().out
     groups = read_checkpoint(tmp_path / "resumed" / "last.pt")["optimizer"]["param_groups"]
     assert all(group["max_weight_norm"] == 10.0 for group in groups)
+
+
+def test_the_papers_second_stage_takes_the_new_lr_and_seed(tmp_path, corpus_file):
+    """Stage 2 of the paper's recipe at tiny scale: resume best.pt with a new lr and seed 125. The
+    weights and optimizer continue; the lr is the new one from the first step; dropout and the
+    sequence lengths draw from seed 125 (the same twice, not the exact continuation's)."""
+    from sharnn_fast.training.loop import draw_sequence_length
+
+    drop = dict(dropout=0.1, dropouth=0.1, dropouti=0.1, eval_interval=4)
+    run(corpus_file, tmp_path / "stage1", max_steps=4, **drop)
+    best = tmp_path / "stage1" / "best.pt"
+    for name, seed in (("a", {"seed": 125}), ("b", {"seed": 125}), ("exact", {})):
+        train(None, dict(max_steps=7, lr=1e-3, wdecay=0.0, **seed), resume_path=best, save_dir=tmp_path / name)
+    events = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["split"] == "train"]
+    assert [e["step"] for e in steps] == [5, 6, 7] and {e["lr"] for e in steps} == {1e-3}
+    first_length = (steps[0]["tokens"] - read_checkpoint(best)["progress"]["tokens"]) // 4  # global batch 4
+    assert first_length == draw_sequence_length(16, torch.Generator().manual_seed(125))
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b") != train_losses(tmp_path / "exact")
+    saved = read_checkpoint(tmp_path / "a" / "last.pt")
+    assert saved["config"]["seed"] == 125 and saved["config"]["lr"] == 1e-3 and saved["progress"]["step"] == 7
+    assert {g["weight_decay"] for g in saved["optimizer"]["param_groups"]} == {0.0}  # the flag, not the saved one
