@@ -27,6 +27,10 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
   ``mems`` a list per block of [M, G, emsize] tensors (None for blocks without attention); or None
   at the start of an epoch.
 
+- ``data``: what the run trained on, ``{split: {"bytes": n, "sha256": hex}}`` for train, valid and
+  test (hashed once when the run starts); ``--resume`` refuses data whose size or hash differs.
+  Missing in checkpoints of sharnn_fast 0.1 (then nothing is compared).
+
 ``best.pt`` has the same layout. No checkpoint holds a NaN or inf weight: training stops instead of
 saving one (naming the last good checkpoint), and reading one is an error; ``best_valid_bpc`` is
 always a finite number or None.

@@ -26,7 +26,7 @@ from . import distributed
 from .checkpoint import (check_architecture, describe_tensors, model_from_checkpoint, non_finite_tensors,
                          read_checkpoint, save_checkpoint)
 from .config import ARCHITECTURE_KEYS, TrainConfig, build_model, default_preset, preset_config, validate
-from .data import BatchStream, load_corpus
+from .data import BatchStream, check_same_data, load_corpus
 from .errors import UserInputError
 from .optim import build_optimizer, learning_rate
 from .report import MetricsLog, Progress, bits_per_byte, summary_text
@@ -154,11 +154,14 @@ class Trainer:
                                  "on a CPU use fp32 or bf16")
 
         corpus = load_corpus(c.data, c.split)
-        self.data_description = corpus.description
+        if resume is not None and resume.get("data"):
+            check_same_data(resume["data"], corpus.digests, resume_path)
+        self.data_description, self.data_digests = corpus.description, corpus.digests
         self.train_stream = BatchStream(corpus.splits["train"], c.batch_size, rank=ctx.rank,
-                                        world_size=ctx.world_size, split="train", min_length=c.bptt + 1)
+                                        world_size=ctx.world_size, split="train", min_length=c.bptt + 1,
+                                        watch=corpus.watches["train"])
         self.eval_streams = {split: BatchStream(corpus.splits[split], c.eval_batch_size, rank=ctx.rank,
-                                                world_size=ctx.world_size, split=split)
+                                                world_size=ctx.world_size, split=split, watch=corpus.watches[split])
                              for split in ("valid", "test")}
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
@@ -253,7 +256,7 @@ class Trainer:
         return dict(config=self.config.to_dict(), model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                    progress=progress, rng=rng, carry=self._carry_for_checkpoint())
+                    progress=progress, rng=rng, carry=self._carry_for_checkpoint(), data=self.data_digests)
 
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["model"])
@@ -607,7 +610,8 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
         if precision == "fp16" and ctx.device.type != "cuda":
             raise UserInputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
         corpus = load_corpus(data if data is not None else config.data, config.split)
-        stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split)
+        stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split,
+                             watch=corpus.watches[split])
         model = model_from_checkpoint(payload, path, ctx.device, backend)
         loss, count = evaluate(model, stream, bptt=config.bptt, precision=precision, ctx=ctx)
         distributed.barrier(ctx)
