@@ -18,6 +18,8 @@ examples:
   sharnn train --data data/enwik8 --preset paper --save runs/paper
   torchrun --standalone --nproc_per_node 8 -m sharnn_fast train --data data/enwik8 --preset paper
   sharnn train --resume runs/paper/last.pt      # continue exactly where it stopped
+  sharnn train --resume runs/paper/best.pt --lr 1e-3 --seed 125 --epochs 37 --save runs/paper-stage2
+                                                # the paper's second stage: 5 more epochs
   sharnn eval --checkpoint runs/paper/best.pt --split test --batch-size 1 --json
   sharnn generate --checkpoint runs/paper/best.pt --prompt "The " --max-new-tokens 500 --top-p 0.95
   sharnn plot runs/paper
@@ -69,7 +71,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      "(default: the resumed checkpoint's folder, else sharnn-runs/PRESET-TIME)")
     run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint")
     run.add_argument("--seed", type=int, default=S, help="random seed of the weights, dropout and lengths "
-                     "(default: the preset's, 5512 as published)")
+                     "(default: the preset's, 5512 as published). With --resume: dropout and lengths start "
+                     "afresh from it (the weights and optimizer continue); without, the resume is exact")
     run.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
                      help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; fp16 uses a GradScaler)")
@@ -94,7 +97,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         hp.add_argument(flag, type=kind, default=S, help=text)
     hp.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=S, help=argparse.SUPPRESS)
     hp.add_argument("--optimizer", default=S, choices=("lamb", "adamw", "sgd"),
-                    help="lamb (minimum trust ratio 0.25, the paper's), adamw or sgd")
+                    help="lamb (the paper's: weight norm clamped at 10, minimum trust ratio 0.25), adamw or sgd")
     hp.add_argument("--attn-layers", dest="attn_layers", default=S, metavar="all|I,J",
                     help="blocks with attention (default: the second-to-last, as published)")
     hp.add_argument("--schedule", default=S, choices=("constant", "cosine"),
@@ -109,6 +112,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     hp.add_argument("--eval-interval", dest="eval_interval", type=_positive_int, default=S, metavar="N",
                     help="evaluate on valid and save every N steps")
     hp.add_argument("--eval-batch-size", dest="eval_batch_size", type=_positive_int, default=S, metavar="N")
+
+
+def _add_inference_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default=None, choices=("reference", "torch", "triton", "cuda", "auto"),
+                   help="kernel backend (default: SHARNN_FAST_BACKEND if set, else the checkpoint's where "
+                   "it can run here, else auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns (default 10; 1 scores every byte, with the longest context)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
+    _add_inference_backend(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, ...)")
 
     p = commands.add_parser("generate", help="continue a prompt with a checkpoint, streaming the text",
@@ -160,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_non_negative_int, default=200, metavar="N",
                    help="bytes to generate (default 200)")
     p.add_argument("--temperature", type=_positive_float, default=None, metavar="T",
-                   help="divides the logits before sampling, > 0 (default 1.0)")
+                   help="divides the logits before sampling, > 0 (default 1.0; a tiny one tends to --greedy)")
     p.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="keep the K most likely bytes")
     p.add_argument("--top-p", type=_probability, default=None, metavar="P",
                    help="nucleus sampling: keep the most likely bytes until their probability reaches P, in (0, 1]")
@@ -170,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="bf16/fp16: autocast (default fp32)")
+    _add_inference_backend(p)
 
     p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)")
     p.add_argument("run_dir", help="a --save folder holding metrics.jsonl")
@@ -208,11 +219,12 @@ def _prepare(args) -> int:
 
 def _eval(args) -> int:
     from .training.loop import evaluate_checkpoint
+    from .training.report import strict_json
 
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
-                                 device=args.device, precision=args.precision)
+                                 device=args.device, precision=args.precision, backend=args.backend)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json(result))
     else:
         print(f"{result['split']}: {result['bpc']:.4f} bpc ({result['loss']:.4f} nats per byte) over "
               f"{result['tokens']:,} bytes; {result['checkpoint']} (step {result['step']:,}); {result['data']}")
@@ -238,7 +250,8 @@ def _generate(args) -> int:
     try:
         generate_text(args.checkpoint, prompt, sys.stdout, max_new_tokens=args.max_new_tokens,
                       do_sample=not args.greedy, temperature=args.temperature or 1.0, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, device=args.device, precision=args.precision)
+                      top_p=args.top_p, seed=args.seed, device=args.device, precision=args.precision,
+                      backend=args.backend)
     except (ValueError, TypeError) as err:  # generate's argument checks: bad input, not a bug
         raise UserInputError(str(err)) from None
     print()

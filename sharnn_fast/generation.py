@@ -66,9 +66,13 @@ def next_token_distribution(logits: torch.Tensor, temperature: float = 1.0, top_
     """Probabilities [B, V] (float32) of the next token after temperature, top-k and top-p.
 
     logits: [B, V], any float dtype. Tokens removed by top-k or top-p get probability exactly 0;
-    the rest are renormalised. Ties at the top-k boundary keep every tied token.
+    the rest are renormalised. Ties at the top-k boundary keep every tied token. Any temperature > 0
+    works, down to the smallest float (5e-324): the logits are shifted so that their maximum is 0
+    and divided in float64, so a tiny temperature sends the others to -inf (probability 0) rather
+    than overflowing to inf - inf = NaN; the limit is greedy, ties sharing the probability.
     """
-    scores = logits.float() / temperature
+    logits = logits.float()
+    scores = ((logits - logits.amax(-1, keepdim=True)).double() / temperature).float()  # [B, V], max 0
     if top_k is not None and top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]  # [B, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -327,12 +331,13 @@ def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, 
 
 
 def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_sample=True, temperature=1.0,
-                  top_k=None, top_p=None, seed=None, device=None, precision="fp32") -> bytes:
+                  top_k=None, top_p=None, seed=None, device=None, precision="fp32", backend=None) -> bytes:
     """``sharnn generate``: continue the bytes ``prompt`` with the byte-level model of a
     ``sharnn train`` checkpoint, writing the new bytes to the text stream ``out`` as they come
     (decoded as UTF-8, invalid sequences replaced). Returns the new bytes.
 
     device: default CUDA if available, else CPU. precision: "fp32", or "bf16"/"fp16" autocast.
+    backend: None is the checkpoint's where it runs, else auto (see :func:`sharnn_fast.load_checkpoint`).
     Raises the errors of :func:`sharnn_fast.load_checkpoint` and :meth:`SHARNN.generate`.
     """
     import codecs
@@ -344,7 +349,7 @@ def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_samp
     if not prompt:
         raise ValueError("the prompt is empty: give at least one byte")
     device = resolve_device(device)
-    model, _ = load_checkpoint(checkpoint, map_location=device)
+    model, _ = load_checkpoint(checkpoint, map_location=device, backend=backend)
     if model.encoder.num_embeddings != 256:
         raise ValueError(f"{checkpoint}: a byte-level model has 256 tokens, this one has "
                          f"{model.encoder.num_embeddings}")

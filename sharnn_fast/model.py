@@ -331,7 +331,8 @@ class SHARNN(nn.Module):
             prompt: LongTensor [T, B] of token ids, sequence first like ``forward``; T >= 1.
             max_new_tokens: tokens to add, >= 0.
             do_sample: sample from the distribution (True) or take the argmax (False, greedy).
-            temperature: > 0; the logits are divided by it before sampling.
+            temperature: > 0, however small (a tiny one tends to greedy); the logits are divided by
+                it before sampling.
             top_k: keep only the k most likely tokens (None: all).
             top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
                 reaches top_p, in (0, 1] (None: all).

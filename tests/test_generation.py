@@ -241,3 +241,17 @@ def test_first_forward_and_generate_import_nothing_slow():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "slow imports: []" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-39, 1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature):
+    """logits / 1e-38 overflows float32 (it crashed with "probability tensor contains inf/nan"):
+    every temperature > 0 works, and the limit is greedy (ties share the probability)."""
+    probs = next_token_distribution(LOGITS, temperature=temperature)
+    assert torch.equal(probs[0], torch.eye(6)[0])
+    tied = torch.tensor([[1.0, 3.0, 3.0, -2.0]])
+    assert torch.equal(next_token_distribution(tied, temperature=temperature, top_p=0.99)[0],
+                       torch.tensor([0.0, 0.5, 0.5, 0.0]))
+    generator = torch.Generator().manual_seed(0)
+    draws = choose_next(LOGITS.expand(50, -1), True, temperature, None, None, generator)
+    assert torch.equal(draws, LOGITS.argmax(-1).expand(50))

@@ -7,8 +7,8 @@ the same bytes and compare the loss curves.
 Text: the docstrings of this Python's standard library (English prose written by people, about
 480 KB on Python 3.11, generated on the fly, so nothing is downloaded and nothing large is
 committed; the embedded corpus of `sharnn train`), read as bytes like enwik8. Training follows the
-paper's recipe scaled down (docs/model.md) with the package's own pieces: LAMB with a minimum
-trust ratio of 0.25, linear warmup, gradient clipping at 0.25, sequence lengths drawn around bptt,
+paper's recipe scaled down (docs/model.md) with the package's own pieces: LAMB as published (weight
+norm clamped at 10 in the trust ratio, minimum trust ratio 0.25), linear warmup, gradient clipping at 0.25, sequence lengths drawn around bptt,
 hidden state and memory carried (detached) from segment to segment. Dropout is off, so the two
 curves differ only by the backends' rounding. Writes a JSON and a PNG plot to benchmarks/results/.
 """

@@ -2,7 +2,7 @@
 ``sharnn prepare`` run (the SHA-RNN paper's enwik8 recipe).
 
 - :mod:`.data`: prepare splits, the embedded default corpus, memory-mapped batches.
-- :mod:`.optim`: LAMB (minimum trust ratio), AdamW, SGD, the learning-rate schedule.
+- :mod:`.optim`: LAMB (the published "minimum trust" form), AdamW, SGD, the learning-rate schedule.
 - :mod:`.loop`: the training loop and bits-per-byte evaluation.
 - :mod:`.checkpoint`: the checkpoint format, atomic saves, ``load_checkpoint``.
 - :mod:`.distributed`: torchrun / DDP glue.

@@ -12,7 +12,8 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
   published; smaller in the tiny preset).
 - ``model``: the SHARNN ``state_dict`` (the published model's parameter names and shapes; the
   parameters' dtype, float32 unless trained otherwise).
-- ``optimizer``: the optimizer's ``state_dict`` (LAMB: ``exp_avg``, ``exp_avg_sq`` per parameter).
+- ``optimizer``: the optimizer's ``state_dict`` (LAMB: ``exp_avg``, ``exp_avg_sq`` per parameter;
+  its groups hold ``max_weight_norm``, the clamp on the weight norm in the trust ratio, 10).
 - ``scaler``: the fp16 GradScaler's ``state_dict``, or None.
 - ``progress``: ``step`` (optimizer steps done), ``epoch`` (finished epochs), ``position`` (byte
   offset in each training column where the next segment starts), ``tokens`` (tokens trained on,
@@ -26,7 +27,20 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
   ``mems`` a list per block of [M, G, emsize] tensors (None for blocks without attention); or None
   at the start of an epoch.
 
-``best.pt`` has the same layout. :func:`load_checkpoint` rebuilds the model for inference.
+- ``data``: what the run trained on, ``{split: {"bytes": n, "sha256": hex}}`` for train, valid and
+  test (hashed once when the run starts); ``--resume`` refuses data whose size or hash differs.
+  Missing in checkpoints of sharnn_fast 0.1 (then nothing is compared).
+
+``best.pt`` has the same layout. No checkpoint holds a NaN or inf weight: training stops instead of
+saving one (naming the last good checkpoint), and reading one is an error; ``best_valid_bpc`` is
+always a finite number or None.
+
+Changes within version 1:
+
+- LAMB's trust ratio clamps the weight norm at 10, as the published "minimum trust" LAMB does
+  (sharnn_fast 0.1 did not). A checkpoint whose LAMB groups have no ``max_weight_norm`` was written
+  without the clamp; it still loads and resumes, but continues under the clamp (``sharnn train``
+  prints a note), so a resumed run no longer matches what the old version would have done. :func:`load_checkpoint` rebuilds the model for inference.
 """
 from __future__ import annotations
 
@@ -87,7 +101,28 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     missing = [k for k in ("config", "model", "optimizer", "progress", "rng") if k not in payload]
     if missing:
         raise UserInputError(f"{path} is an incomplete checkpoint: no {', '.join(missing)}")
+    bad = non_finite_tensors(payload["model"])
+    if bad:
+        raise UserInputError(f"{path} holds NaN or inf weights ({describe_tensors(bad)}): it was saved by a run "
+                             f"that had diverged; use an earlier checkpoint")
     return payload
+
+
+def non_finite_tensors(state: dict) -> dict:
+    """{name: number of NaN or inf elements} for the floating-point tensors of ``state`` that hold
+    any (one synchronisation when all are finite)."""
+    floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or torch.stack([torch.isfinite(v).all() for v in floats.values()]).all():
+        return {}
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in floats.items()}
+    return {k: n for k, n in counts.items() if n}
+
+
+def describe_tensors(counts: dict) -> str:
+    """'41,600 non-finite values in 3 tensors, first encoder.weight'."""
+    first = next(iter(counts))
+    return (f"{sum(counts.values()):,} non-finite values in {len(counts)} tensor"
+            f"{'s' if len(counts) > 1 else ''}, first {first}")
 
 
 def _first_sentence(err: BaseException) -> str:
@@ -104,21 +139,49 @@ def check_architecture(checkpoint_config: dict, config: TrainConfig, path) -> No
                                  f"{key}={ours!r}: drop the flag or start a new run")
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", backend=None):
     """Load a checkpoint written by ``sharnn train`` for inference: ``(model, config)``.
 
     model: the :class:`~sharnn_fast.SHARNN` with the checkpoint's weights, in eval mode, on
     ``map_location`` (default the CPU). config: the run's configuration as a plain dict
     (architecture, data, hyperparameters; see :mod:`sharnn_fast.training.checkpoint`).
+    backend: see :func:`model_from_checkpoint` (default: the saved one where it runs, else auto).
     Loads with ``torch.load(weights_only=True)``: no pickled code is ever run.
     Raises UserInputError (a ValueError) for a missing, truncated or foreign file.
     """
     payload = read_checkpoint(path, map_location="cpu")
-    config = TrainConfig.from_dict(payload["config"]).to_dict()
+    return model_from_checkpoint(payload, path, torch.device(map_location), backend), \
+        TrainConfig.from_dict(payload["config"]).to_dict()
+
+
+def model_from_checkpoint(payload: dict, path, device: torch.device, backend=None):
+    """The checkpoint's model with its weights, in eval mode, on ``device``.
+
+    A checkpoint's backend is the training run's preference, not part of the model. Which backend
+    the model gets, first match wins: ``backend`` when given (an explicit choice: if it cannot
+    run, the first forward says why); None, following the process-wide choice, when one was made
+    (:func:`sharnn_fast.set_backend` or ``SHARNN_FAST_BACKEND``); the saved backend when a
+    one-token forward on ``device`` runs with it; else None ("auto"). So a checkpoint trained with
+    the triton or cuda backend loads on a CPU.
+    """
+    from ..backend import BackendUnavailableError, get_backend, validate_backend
+
+    config = TrainConfig.from_dict(payload["config"])
+    if backend is not None:
+        config.backend = validate_backend(backend, argument="--backend")
+    elif get_backend() != "auto":
+        config.backend = None
     model = build_model(config)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         raise UserInputError(f"{path}: its weights do not fit the model its config describes "
                              f"({str(err).splitlines()[0]})") from None
-    return model.to(map_location).eval(), config
+    model = model.to(device).eval()
+    if backend is None and model.backend not in (None, "auto"):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        except BackendUnavailableError:
+            model.backend = None  # the saved preference cannot run here: auto
+    return model

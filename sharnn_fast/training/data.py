@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import pkgutil
 import sys
@@ -48,7 +49,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) != 3 or any(v <= 0 for v in values):
+    if len(values) != 3 or not all(0 < v < math.inf for v in values):
         raise UserInputError(f"--split must be three positive numbers for train,valid,test such as "
                              f"0.9,0.05,0.05 or 90/5/5, got {text!r}")
     total = sum(values)
@@ -169,9 +170,58 @@ def prepare(source, out_dir, fractions: Optional[tuple] = None) -> dict:
 
 @dataclass
 class Corpus:
-    """The three splits of a corpus, each a uint8 tensor [n] (memory-mapped where it is on disk)."""
+    """The three splits of a corpus, each a uint8 tensor [n] (memory-mapped where it is on disk).
+    ``digests``: {split: {"bytes": n, "sha256": hex}}, hashed once when loaded (prepared splits are
+    checked against their meta.json); ``watches``: {split: FileWatch} of the file each split is
+    mapped from."""
     splits: dict
     description: str
+    digests: dict = None
+    watches: dict = None
+
+
+class FileWatch:
+    """A mapped file's size and modification time when it was opened. Reading a mapped page past
+    the end of a file truncated since kills the process with SIGBUS, so readers call
+    :meth:`check` (one stat) before touching the mapping, and stop with a message instead."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.stat = self._now()
+
+    def _now(self):
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def check(self) -> None:
+        try:
+            now = self._now()
+        except OSError:
+            now = None
+        if now != self.stat:
+            what = ("was removed" if now is None else f"now holds {now[0]:,} bytes, not {self.stat[0]:,}"
+                    if now[0] != self.stat[0] else "was modified")
+            raise UserInputError(f"the data file {self.path} changed during the run ({what}): stopped; the "
+                                 f"checkpoints saved so far are intact")
+
+
+def sha256_of(data: torch.Tensor) -> str:
+    """The sha256 of a uint8 tensor's bytes (a memory-mapped split is read once, not copied)."""
+    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
+
+
+def check_same_data(saved: dict, digests: dict, path) -> None:
+    """Raise UserInputError naming the first split whose size or sha256 differs between the data a
+    checkpoint was trained on (``saved``) and the data given now (``digests``)."""
+    for split, theirs in saved.items():
+        ours = digests.get(split)
+        if ours is None or ours == theirs:
+            continue
+        what = (f"{theirs['bytes']:,} bytes then, {ours['bytes']:,} now" if ours["bytes"] != theirs["bytes"]
+                else f"the same size, {theirs['bytes']:,} bytes, but other content: sha256 "
+                     f"{theirs['sha256'][:12]}... then, {ours['sha256'][:12]}... now")
+        raise UserInputError(f"the {split} split is not the data checkpoint {path} was trained on ({what}): "
+                             f"resume with the same --data, or start a new run")
 
 
 def _map_bytes(path: Path, size: int) -> torch.Tensor:
@@ -184,6 +234,9 @@ def load_corpus(path=None, fractions: Optional[tuple] = None) -> Corpus:
     """The splits of ``path``: a folder written by :func:`prepare`, or any file split on the fly
     (enwik8 by the paper's rule, anything else by ``fractions``, default 90/5/5). None means the
     embedded default corpus (:func:`default_corpus_file`), split 90/5/5.
+
+    Every split is hashed (sha256) once, here; a prepared split must match its meta.json in size
+    and sha256.
 
     Raises UserInputError for a missing or empty path, a folder that was not prepared, or a
     prepared folder whose files do not match its meta.json.
@@ -207,10 +260,13 @@ def _split_file(path: Path, fractions, description: str) -> Corpus:
     src = _open_source(path)
     enwik8 = src.is_enwik8
     sizes = split_sizes(src.size, fractions, enwik8)
+    watch = FileWatch(path)
     data = _map_bytes(path, src.size)
     starts = (0, sizes[0], sizes[0] + sizes[1])
     splits = {name: data.narrow(0, start, size) for name, start, size in zip(SPLITS, starts, sizes)}
-    return Corpus(splits, f"{description}, split {_split_rule(sizes, enwik8, fractions)}")
+    digests = {name: dict(bytes=split.numel(), sha256=sha256_of(split)) for name, split in splits.items()}
+    return Corpus(splits, f"{description}, split {_split_rule(sizes, enwik8, fractions)}", digests,
+                  dict.fromkeys(SPLITS, watch))
 
 
 def _load_prepared(folder: Path) -> Corpus:
@@ -223,7 +279,7 @@ def _load_prepared(folder: Path) -> Corpus:
         entries = {name: meta["splits"][name] for name in SPLITS}
     except (ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{meta_path} is not a meta.json written by `sharnn prepare` ({err})") from None
-    splits = {}
+    splits, digests, watches = {}, {}, {}
     for name, entry in entries.items():
         file = folder / entry["file"]
         size = file.stat().st_size if file.is_file() else None
@@ -233,8 +289,13 @@ def _load_prepared(folder: Path) -> Corpus:
                                  f"prepare the folder again")
         if size == 0:
             raise UserInputError(f"{file} is empty")
+        watches[name] = FileWatch(file)
         splits[name] = _map_bytes(file, size)
-    return Corpus(splits, f"{folder} ({meta.get('split_rule', 'prepared')})")
+        digests[name] = dict(bytes=size, sha256=sha256_of(splits[name]))
+        if entry.get("sha256") not in (None, digests[name]["sha256"]):
+            raise UserInputError(f"{file} does not match the sha256 in {meta_path} (same size, other content): "
+                                 f"it changed after `sharnn prepare`; prepare the folder again")
+    return Corpus(splits, f"{folder} ({meta.get('split_rule', 'prepared')})", digests, watches)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +383,7 @@ class BatchStream:
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 split: str = "train", min_length: int = 2):
+                 split: str = "train", min_length: int = 2, watch: Optional[FileWatch] = None):
         columns = batch_size * world_size
         self.length = data.numel() // columns  # bytes per column
         if self.length < min_length:
@@ -334,6 +395,7 @@ class BatchStream:
         grid = data.narrow(0, 0, self.length * columns).view(columns, self.length)  # [columns, L] view
         self.grid = grid.narrow(0, rank * batch_size, batch_size)  # [B, L] view: this rank's columns
         self.batch_size = batch_size
+        self.watch = watch
 
     @property
     def predictions_per_column(self) -> int:
@@ -343,6 +405,8 @@ class BatchStream:
         seq_len = min(seq_len, self.length - 1 - position)
         if seq_len < 1:
             raise ValueError(f"position {position} is past the end of the stream ({self.length} bytes per column)")
+        if self.watch is not None:
+            self.watch.check()  # before touching the mapping: a truncated file would be SIGBUS
         block = self.grid.narrow(1, position, seq_len + 1)  # [B, T + 1] view
         block = block.to(device=device, dtype=torch.long, non_blocking=True).t().contiguous()  # [T + 1, B]
         return block[:-1], block[1:]

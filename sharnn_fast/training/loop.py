@@ -1,7 +1,8 @@
 """The training loop (the SHA-RNN paper's enwik8 recipe) and bits-per-byte evaluation.
 
 Recipe (Merity 2019, arXiv:1911.11423, and its published training script; see docs and
-docs/model.md, "The paper's recipe"): LAMB with a minimum trust ratio of 0.25, linear warmup then a
+docs/model.md, "The paper's recipe"): LAMB with the weight norm clamped at 10 in the trust ratio
+and a minimum trust ratio of 0.25, linear warmup then a
 constant lr, gradient clipping at 0.25, random sequence lengths around bptt, hidden state and
 attention memory carried from segment to segment and detached, evaluation carrying state across
 the whole split. Additions: gradient accumulation, bf16/fp16 autocast, torch.compile, DDP, exact
@@ -24,16 +25,18 @@ import torch.nn.functional as F
 from .. import autotuning
 from ..backend import explain, get_backend
 from . import distributed
-from .checkpoint import check_architecture, read_checkpoint, save_checkpoint
+from .checkpoint import (check_architecture, describe_tensors, model_from_checkpoint, non_finite_tensors,
+                         read_checkpoint, save_checkpoint)
 from .config import ARCHITECTURE_KEYS, TrainConfig, build_model, default_preset, preset_config, validate
-from .data import BatchStream, load_corpus
+from .data import BatchStream, check_same_data, load_corpus
 from .errors import UserInputError
 from .optim import build_optimizer, learning_rate
 from .report import MetricsLog, Progress, bits_per_byte, summary_text
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or inf; the message names the step and the last good checkpoint."""
+    """The training loss, the gradient norm or the weights became NaN or inf; the message names the
+    step and the last good checkpoint (checkpoints never hold non-finite weights)."""
 
 
 def make_config(preset: Optional[str], overrides: dict, resumed: Optional[dict] = None,
@@ -60,6 +63,15 @@ def make_config(preset: Optional[str], overrides: dict, resumed: Optional[dict] 
     if resumed is not None:
         check_architecture(resumed, config, resume_path)
     return config
+
+
+def gradient_norm(parameters: list, clip: float) -> torch.Tensor:
+    """The total L2 norm of the gradients (a 0-dim tensor, left on the device: no synchronisation),
+    clipping them to ``clip`` when it is > 0. NaN or inf when any gradient is."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    norms = [torch.linalg.vector_norm(p.grad).float() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def draw_sequence_length(bptt: int, generator: torch.Generator) -> int:
@@ -133,7 +145,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, ctx: distributed.Context, *, save_dir: Optional[Path],
-                 resume: Optional[dict] = None, progress: bool = True):
+                 resume: Optional[dict] = None, resume_path=None, reseed: bool = False, progress: bool = True):
         c = self.config = config
         self.ctx, self.device = ctx, ctx.device
         self.save_dir = Path(save_dir) if save_dir is not None else None
@@ -144,11 +156,14 @@ class Trainer:
                                  "on a CPU use fp32 or bf16")
 
         corpus = load_corpus(c.data, c.split)
-        self.data_description = corpus.description
+        if resume is not None and resume.get("data"):
+            check_same_data(resume["data"], corpus.digests, resume_path)
+        self.data_description, self.data_digests = corpus.description, corpus.digests
         self.train_stream = BatchStream(corpus.splits["train"], c.batch_size, rank=ctx.rank,
-                                        world_size=ctx.world_size, split="train", min_length=c.bptt + 1)
+                                        world_size=ctx.world_size, split="train", min_length=c.bptt + 1,
+                                        watch=corpus.watches["train"])
         self.eval_streams = {split: BatchStream(corpus.splits[split], c.eval_batch_size, rank=ctx.rank,
-                                                world_size=ctx.world_size, split=split)
+                                                world_size=ctx.world_size, split=split, watch=corpus.watches[split])
                              for split in ("valid", "test")}
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
@@ -172,10 +187,15 @@ class Trainer:
         self.lr = 0.0
         self._started = self._last_log_time = time.perf_counter()  # run() starts the clock again
         self.last_valid: Optional[dict] = None
-        self.last_saved_step: Optional[int] = None
+        # (path, step) of the newest checkpoint known to be good: the last save, else the one resumed
+        self.last_good: Optional[tuple] = None
         self.notices: list[str] = []
         if resume is not None:
             self._restore(resume)
+            if reseed:
+                self._reseed()
+            if resume_path is not None:
+                self.last_good = (Path(resume_path), self.step)
 
         self.loss_module = NextByteLoss(self.model)
         self.ddp = distributed.wrap(self.loss_module, ctx)
@@ -242,15 +262,25 @@ class Trainer:
         return dict(config=self.config.to_dict(), model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                    progress=progress, rng=rng, carry=self._carry_for_checkpoint())
+                    progress=progress, rng=rng, carry=self._carry_for_checkpoint(), data=self.data_digests)
 
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["model"])
+        saved_optimizer = payload["config"].get("optimizer")
+        if saved_optimizer != self.config.optimizer:  # torch would load another optimizer's groups and fail later
+            raise UserInputError(f"the checkpoint was trained with --optimizer {saved_optimizer}; its optimizer "
+                                 f"state cannot continue as --optimizer {self.config.optimizer}: drop the flag")
+        if self.config.optimizer == "lamb" and not all(
+                "max_weight_norm" in group for group in payload["optimizer"].get("param_groups", [])):
+            self.notices.append("the checkpoint's LAMB did not clamp the weight norm at 10 (sharnn_fast 0.1); "
+                                "it continues with the published clamp, so its steps differ from the old rule's")
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError) as err:
             raise UserInputError(f"the checkpoint's optimizer state does not fit --optimizer "
                                  f"{self.config.optimizer}: {err}") from None
+        for group in self.optimizer.param_groups:  # the saved groups would bring back the old --wdecay
+            group["weight_decay"] = self.config.wdecay
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         p = payload["progress"]
@@ -274,6 +304,18 @@ class Trainer:
             raise UserInputError(f"the checkpoint stopped at byte {self.position:,} of each training column, "
                                  f"past the end of this data's columns ({self.train_stream.length:,} bytes): "
                                  f"resume with the same --data and --batch_size")
+
+    def _reseed(self) -> None:
+        """--seed given on resume (the paper's second stage: seed 125): the weights, optimizer,
+        schedule and data position continue, but dropout and the sequence lengths draw afresh from
+        the new seed, as a fresh run with that seed would."""
+        c = self.config
+        self.lengths.manual_seed(c.seed)
+        torch.manual_seed(c.seed + self.ctx.rank)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(c.seed + self.ctx.rank)
+        self.notices.append(f"--seed {c.seed}: dropout and sequence lengths draw from the new seed (weights, "
+                            f"optimizer and data position continue; not an exact continuation)")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self._started
@@ -305,16 +347,17 @@ class Trainer:
             step_loss = step_loss + loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if c.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, c.clip)
+        grad_norm = gradient_norm(self.parameters, c.clip)
         if self.scaler is not None:
+            grad_norm = None  # an inf gradient is the GradScaler's business: it skips the step and lowers the scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
 
         length = x.shape[0]
-        self.pending.append((step_loss / c.accumulate if c.accumulate > 1 else step_loss, length))
+        self.pending.append((step_loss / c.accumulate if c.accumulate > 1 else step_loss,
+                             grad_norm if grad_norm is not None else torch.zeros(()), length))
         self.lr = lr
         self.step += 1
         self.tokens += length * self.global_batch
@@ -327,34 +370,49 @@ class Trainer:
 
     def flush(self) -> Optional[dict]:
         """Check and log the steps since the last flush (one synchronisation, one collective).
-        Raises TrainingDiverged at the first NaN/inf loss. Returns the train event, or None."""
+        Raises TrainingDiverged at the first step whose loss or gradient norm is NaN or inf, after
+        logging that window's train event. Returns the train event, or None.
+
+        A non-finite gradient norm stops the run rather than skipping the step: with a finite loss
+        it means the activations or weights are already at the edge of overflow, so a skipped step
+        would hide a diverging run (and an exact resume would meet the same segment again). Every
+        checkpoint is saved after a flush, so the last one predates the bad step. (fp16 is the
+        exception: its GradScaler skips steps with inf gradients by design.)"""
         if not self.pending:  # the same on every rank: they all step alike
             return None
-        losses = torch.stack([loss for loss, _ in self.pending]).double()
-        lengths = [n for _, n in self.pending]
+        losses = torch.stack([loss for loss, _, _ in self.pending]).double()
+        norms = torch.stack([norm.to(losses.device) for _, norm, _ in self.pending]).double()
+        lengths = [n for _, _, n in self.pending]
         values = torch.cat([(losses * losses.new_tensor(lengths)).sum()[None],
                             losses.new_tensor([float(self.stop_signal)]),
-                            (~torch.isfinite(losses)).double()])
+                            (~torch.isfinite(losses)).double(), (~torch.isfinite(norms)).double()])
         values = distributed.all_reduce(values, self.ctx).tolist()
         first_step = self.step - len(lengths) + 1
         self.pending = []
         if values[1]:
             self.stop_agreed = True
             self.stop_signal = self.stop_signal or int(signal.SIGTERM)  # another rank was told to stop
-        bad = [i for i, flag in enumerate(values[2:]) if flag]
-        if bad:
-            where = (f"; the last good checkpoint is {self.save_dir / 'last.pt'} (step {self.last_saved_step})"
-                     if self.last_saved_step is not None else "; no checkpoint was saved before it")
-            raise TrainingDiverged(f"the training loss became NaN or inf at step {first_step + bad[0]}: "
-                                   f"stopped{where}. Try a lower --lr or more --warmup")
-        if not lengths:
-            return None
         now = time.perf_counter()
         tokens_per_s = sum(lengths) * self.global_batch / max(now - self._last_log_time, 1e-9)
         self._last_log_time = now
         loss = values[0] / (sum(lengths) * self.ctx.world_size)
-        return dict(step=self.step, split="train", loss=loss, bpc=bits_per_byte(loss), lr=self.lr,
-                    tokens_per_s=tokens_per_s, epoch=self.epoch, tokens=self.tokens, time_s=self.elapsed())
+        event = dict(step=self.step, split="train", loss=loss, bpc=bits_per_byte(loss), lr=self.lr,
+                     tokens_per_s=tokens_per_s, epoch=self.epoch, tokens=self.tokens, time_s=self.elapsed())
+        bad_loss = [i for i, flag in enumerate(values[2:2 + len(lengths)]) if flag]
+        bad_norm = [i for i, flag in enumerate(values[2 + len(lengths):]) if flag]
+        if bad_loss or bad_norm:
+            self._log(event)
+            if bad_norm and (not bad_loss or bad_norm[0] < bad_loss[0]):
+                what = f"the gradient norm became NaN or inf at step {first_step + bad_norm[0]} (its loss was finite)"
+            else:
+                what = f"the training loss became NaN or inf at step {first_step + bad_loss[0]}"
+            raise TrainingDiverged(f"{what}: stopped{self._last_good()}. Try a lower --lr or more --warmup")
+        return event
+
+    def _last_good(self) -> str:
+        if self.last_good is None:
+            return "; no checkpoint was saved before it"
+        return f"; the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
 
     def _log(self, event: Optional[dict]) -> None:
         if event is not None:
@@ -374,7 +432,12 @@ class Trainer:
         return event
 
     def validate_and_save(self) -> dict:
+        self.check_weights()
         event = self.evaluate_split("valid")
+        if not math.isfinite(event["bpc"]):  # weights that are finite but overflow: no checkpoint of them either
+            raise TrainingDiverged(f"the valid loss became NaN or inf at step {self.step} (the weights are finite "
+                                   f"but overflow the forward pass): not saved, stopped{self._last_good()}. "
+                                   f"Try a lower --lr or more --warmup")
         improved = self.best_valid_bpc is None or event["bpc"] < self.best_valid_bpc
         if improved:
             self.best_valid_bpc, self.best_step = event["bpc"], self.step
@@ -384,12 +447,22 @@ class Trainer:
     def save(self, best: bool = False) -> None:
         if self.save_dir is None:
             return
+        self.check_weights()
         payload = self.checkpoint_payload()
         if self.ctx.is_main:
             save_checkpoint(self.save_dir / "last.pt", payload)
             if best:
                 save_checkpoint(self.save_dir / "best.pt", payload)
-        self.last_saved_step = self.step
+        self.last_good = (self.save_dir / "last.pt", self.step)
+
+    def check_weights(self) -> None:
+        """Raise TrainingDiverged if a weight is NaN or inf (a step whose loss and gradient were
+        finite can still overflow them). Every rank holds the same weights: they all stop together."""
+        bad = non_finite_tensors(self.model.state_dict())
+        if bad:
+            raise TrainingDiverged(f"the weights became NaN or inf by step {self.step} ({describe_tensors(bad)}) "
+                                   f"while the loss was still finite: not saved, stopped{self._last_good()}. "
+                                   f"Try a lower --lr or more --warmup")
 
     def finished(self) -> bool:
         c = self.config
@@ -531,6 +604,8 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
     torchrun, with DDP. Writes last.pt, best.pt and metrics.jsonl to ``save_dir`` (default: the
     resumed checkpoint's folder, else sharnn-runs/PRESET-TIME), prints the summary on rank 0 and
     returns it as a dict (``exit_code``: 0 finished, 128 + signal when stopped by one).
+    A resume continues exactly, random generators included, unless ``overrides`` holds a seed:
+    then dropout and the sequence lengths start afresh from it (the paper's second stage).
     Raises UserInputError for bad input and TrainingDiverged on a NaN or inf loss."""
     resume = read_checkpoint(resume_path) if resume_path is not None else None
     config = make_config(preset, dict(overrides or {}), resume["config"] if resume else None, resume_path)
@@ -543,7 +618,8 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
             raise UserInputError(f"--save {save_dir} exists and is not a folder")
         if ctx.is_main:
             save_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(config, ctx, save_dir=save_dir, resume=resume, progress=progress)
+        trainer = Trainer(config, ctx, save_dir=save_dir, resume=resume, resume_path=resume_path,
+                          reseed=resume is not None and "seed" in (overrides or {}), progress=progress)
         summary = trainer.run()
         distributed.barrier(ctx)
         if ctx.is_main:
@@ -554,15 +630,17 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
 
 
 def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: int = 10,
-                        device: Optional[str] = None, precision: Optional[str] = None) -> dict:
+                        device: Optional[str] = None, precision: Optional[str] = None,
+                        backend: Optional[str] = None) -> dict:
     """Bits per byte of a checkpoint on one split: ``{"split", "bpc", "loss" (nats per byte),
     "tokens" (bytes predicted), "checkpoint", "step", "data"}``.
 
     data: a prepared folder or a file; None uses the data the checkpoint was trained on. Segments
     of the checkpoint's bptt, state carried across the split (see :func:`evaluate`), ``batch_size``
     columns (the published script uses 10 for valid and 1 for test; 1 gives every byte the longest
-    context). precision: None is fp32 on a CPU, bf16 on a GPU that has it. Under torchrun the
-    columns are shared among the ranks.
+    context). precision: None is fp32 on a CPU, bf16 on a GPU that has it. backend: None is the
+    checkpoint's where it runs, else auto (see :func:`~.checkpoint.model_from_checkpoint`). Under
+    torchrun the columns are shared among the ranks.
     """
     if split not in ("train", "valid", "test"):
         raise UserInputError(f"--split must be train, valid or test, got {split!r}")
@@ -576,11 +654,14 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
         if precision == "fp16" and ctx.device.type != "cuda":
             raise UserInputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
         corpus = load_corpus(data if data is not None else config.data, config.split)
-        stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split)
-        model = build_model(config)
-        model.load_state_dict(payload["model"])
-        loss, count = evaluate(model.to(ctx.device), stream, bptt=config.bptt, precision=precision, ctx=ctx)
+        stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split,
+                             watch=corpus.watches[split])
+        model = model_from_checkpoint(payload, path, ctx.device, backend)
+        loss, count = evaluate(model, stream, bptt=config.bptt, precision=precision, ctx=ctx)
         distributed.barrier(ctx)
+        if not math.isfinite(loss):
+            raise UserInputError(f"{path}: the loss over the {split} split came out {loss} although every weight "
+                                 f"is finite (precision {precision}): an activation overflowed; try --precision fp32")
     finally:
         distributed.teardown(ctx)
     return dict(split=split, bpc=bits_per_byte(loss), loss=loss, tokens=count, checkpoint=str(path),

@@ -6,26 +6,31 @@ import math
 import torch
 
 OPTIMIZERS = ("lamb", "adamw", "sgd")
+# The published "minimum trust" LAMB clamps the weight norm at 10 in the trust ratio.
+MAX_WEIGHT_NORM = 10.0
 SCHEDULES = ("constant", "cosine")
 
 
 class Lamb(torch.optim.Optimizer):
     r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
-    minutes", arXiv:1904.00962, Algorithm 2) in the form the SHA-RNN paper trains with (Merity 2019,
-    arXiv:1911.11423: LAMB with a "minimum trust" floor of 0.25; no bias correction).
+    minutes", arXiv:1904.00962, Algorithm 2) in the "minimum trust" form the SHA-RNN paper trains
+    with (Merity 2019, arXiv:1911.11423; its published main.py imports this variant): the weight
+    norm clamped at 10 in the trust ratio, the ratio floored at 0.25, no bias correction.
 
     For each parameter w with gradient g, at every step:
 
     .. math::
         m &\leftarrow \beta_1 m + (1 - \beta_1) g \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
         u &= m / (\sqrt{v} + \epsilon) + \lambda w \\
-        r &= \max(\|w\|_2 / \|u\|_2,\ r_{min}) \ \text{if } \|w\|_2 > 0 \text{ and } \|u\|_2 > 0,
+        r &= \max(\min(\|w\|_2, c) / \|u\|_2,\ r_{min}) \ \text{if } \|w\|_2 > 0 \text{ and } \|u\|_2 > 0,
              \text{ else } 1 \\
         w &\leftarrow w - \eta\, r\, u
 
     with norms over the whole parameter tensor (the trust ratio r is per tensor), m and v starting
-    at zero and no bias correction (the published recipe's choice). Parameters whose grad is None
-    are skipped. The trust ratio stays on the parameter's device: a step never synchronises.
+    at zero and no bias correction (the published recipe's choice). The clamp c = 10 matters at
+    the paper's size: a LayerNorm gain of 1024 ones has norm 32, so without it the first step of
+    most tensors would be 3 times larger. Parameters whose grad is None are skipped. The trust
+    ratio stays on the parameter's device: a step never synchronises.
 
     Args:
         params: parameters or parameter groups.
@@ -34,19 +39,31 @@ class Lamb(torch.optim.Optimizer):
         eps: :math:`\epsilon` added to :math:`\sqrt{v}`, default 1e-6.
         weight_decay: :math:`\lambda`, decoupled (added to the update, then trust-scaled), default 1.2e-6.
         min_trust: :math:`r_{min}`, the floor on the trust ratio, default 0.25 (the paper's).
+        max_weight_norm: :math:`c`, the clamp on the weight norm in the trust ratio, default 10 (the
+            paper's); ``math.inf`` turns it off (plain LAMB with a floor).
     Raises:
-        ValueError: a negative lr, eps, weight_decay or min_trust, or betas outside [0, 1).
+        ValueError: a negative lr, eps, weight_decay or min_trust, a max_weight_norm <= 0, or
+            betas outside [0, 1).
     """
 
     def __init__(self, params, lr: float = 2e-3, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 1.2e-6, min_trust: float = 0.25):
+                 weight_decay: float = 1.2e-6, min_trust: float = 0.25, max_weight_norm: float = MAX_WEIGHT_NORM):
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("min_trust", min_trust)):
-            if not value >= 0.0:
-                raise ValueError(f"Lamb: {name} must be >= 0, got {value}")
+            if not 0.0 <= value < math.inf:
+                raise ValueError(f"Lamb: {name} must be a finite number >= 0, got {value}")
+        if not max_weight_norm > 0.0:
+            raise ValueError(f"Lamb: max_weight_norm must be > 0, got {max_weight_norm}")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
             raise ValueError(f"Lamb: betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      min_trust=min_trust))
+                                      min_trust=min_trust, max_weight_norm=max_weight_norm))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # A state_dict saved before the clamp existed (sharnn_fast 0.1) has no max_weight_norm in
+        # its groups: it continues under the published rule (see training/checkpoint.py).
+        for group in self.param_groups:
+            group.setdefault("max_weight_norm", MAX_WEIGHT_NORM)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -72,15 +89,16 @@ class Lamb(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
                 weight_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                clamped = weight_norm.clamp(max=group["max_weight_norm"])
                 trust = torch.where((weight_norm > 0) & (update_norm > 0),
-                                    (weight_norm / update_norm).clamp(min=group["min_trust"]),
+                                    (clamped / update_norm).clamp(min=group["min_trust"]),
                                     torch.ones_like(weight_norm))
                 p.sub_(update.mul_(trust * group["lr"]))
         return loss
 
 
 def build_optimizer(name: str, params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """"lamb" (the paper's: minimum trust 0.25, eps 1e-6), "adamw" (betas 0.9, 0.999) or "sgd"
+    """"lamb" (the paper's: weight norm clamped at 10, minimum trust 0.25, eps 1e-6), "adamw" (betas 0.9, 0.999) or "sgd"
     (plain, no momentum, as the published script's "sgd")."""
     if name == "lamb":
         return Lamb(params, lr=lr, weight_decay=weight_decay, min_trust=0.25)

@@ -66,7 +66,9 @@ class Progress:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, one line per log or evaluation event, each with at
-    least step, split ("train", "valid" or "test"), loss (nats per byte), bpc, lr and tokens_per_s."""
+    least step, split ("train", "valid" or "test"), loss (nats per byte), bpc, lr and tokens_per_s.
+    Strict JSON (RFC 8259): a NaN or infinite number is written as null, and the event's
+    ``non_finite`` field maps each such field to what it was ("NaN", "Infinity" or "-Infinity")."""
 
     def __init__(self, folder: Path, enabled: bool, resume_step: Optional[int]):
         self.path = Path(folder) / METRICS_NAME
@@ -88,7 +90,17 @@ class MetricsLog:
     def write(self, event: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as out:
-                out.write(json.dumps(event) + "\n")
+                out.write(strict_json(event) + "\n")
+
+
+def strict_json(event: dict) -> str:
+    """``event`` as strict JSON: NaN and infinite numbers become null, and a ``non_finite`` field
+    says what each was ({"loss": "NaN", "bpc": "NaN"}); Python's json would write a bare NaN."""
+    non_finite = {k: json.dumps(v) for k, v in event.items() if isinstance(v, float) and not math.isfinite(v)}
+    if non_finite:
+        event = {k: (None if k in non_finite else v) for k, v in event.items()}
+        event["non_finite"] = non_finite
+    return json.dumps(event, allow_nan=False)
 
 
 def _event_step(line: str) -> float:
@@ -135,7 +147,7 @@ def plot_metrics(folder, out=None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     styles = dict(train=dict(lw=1, alpha=0.8), valid=dict(marker="o", lw=1.5), test=dict(marker="*", ms=12, ls=""))
     for split, style in styles.items():
-        points = [(e["step"], e["bpc"]) for e in events if e["split"] == split]
+        points = [(e["step"], e["bpc"]) for e in events if e["split"] == split and e["bpc"] is not None]
         if points:
             ax.plot(*zip(*points), label=split, **style)
     ax.set_xlabel("step")
@@ -161,8 +173,9 @@ def summary_text(summary: dict) -> str:
              f"  data        {s['data']}",
              f"  model       {s['model']}"]
     if s.get("valid_bpc") is not None:
-        lines.append(f"  valid       {s['valid_bpc']:.4f} bpc (final model); best {s['best_valid_bpc']:.4f} "
-                     f"at step {s['best_step']:,}")
+        best = (f"best {s['best_valid_bpc']:.4f} at step {s['best_step']:,}" if s.get("best_valid_bpc") is not None
+                else "no finite valid bpc yet")
+        lines.append(f"  valid       {s['valid_bpc']:.4f} bpc (final model); {best}")
     if s.get("test_bpc") is not None:
         lines.append(f"  test        {s['test_bpc']:.4f} bpc (final model)")
     if s.get("checkpoints"):

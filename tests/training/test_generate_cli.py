@@ -37,6 +37,15 @@ def test_greedy_output_is_the_models_greedy_continuation(checkpoint):
     assert result.stdout == expected.decode("utf-8", errors="replace") + "\n"
 
 
+def test_a_tiny_temperature_gives_the_greedy_text(checkpoint, capsys):
+    common = ["generate", "--checkpoint", checkpoint, "--prompt", "def ", "--max-new-tokens", "25"]
+    greedy = run_main(capsys, *common, "--greedy")
+    for temperature in ("1e-38", "1e-300"):
+        tiny = run_main(capsys, *common, "--temperature", temperature, "--seed", "1")
+        assert tiny.returncode == 0, tiny.stderr
+        assert tiny.stdout == greedy.stdout
+
+
 def test_bytes_are_written_as_they_come(checkpoint):
     class Recorder(io.StringIO):
         flushes = 0

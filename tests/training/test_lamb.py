@@ -8,9 +8,10 @@ from sharnn_fast.training.loop import draw_sequence_length
 from sharnn_fast.training.optim import Lamb, build_optimizer, learning_rate
 
 
-def lamb_float64(weights, grads_per_step, *, lr, betas, eps, weight_decay, min_trust):
+def lamb_float64(weights, grads_per_step, *, lr, betas, eps, weight_decay, min_trust, max_weight_norm=10.0):
     """LAMB written out element by element in Python floats (float64): You et al. 2019,
-    Algorithm 2, without bias correction, trust ratio floored at min_trust (Merity 2019)."""
+    Algorithm 2, without bias correction; the "minimum trust" form of the published SHA-RNN
+    (Merity 2019): min(||w||, 10) / ||u||, 1 where either norm is 0, floored at min_trust."""
     w = list(weights)
     m, v = [0.0] * len(w), [0.0] * len(w)
     for grads in grads_per_step:
@@ -21,12 +22,14 @@ def lamb_float64(weights, grads_per_step, *, lr, betas, eps, weight_decay, min_t
             update.append(m[i] / (math.sqrt(v[i]) + eps) + weight_decay * w[i])
         w_norm = math.sqrt(sum(x * x for x in w))
         u_norm = math.sqrt(sum(u * u for u in update))
-        trust = max(w_norm / u_norm, min_trust) if w_norm > 0 and u_norm > 0 else 1.0
+        trust = max(min(w_norm, max_weight_norm) / u_norm, min_trust) if w_norm > 0 and u_norm > 0 else 1.0
         w = [x - lr * trust * u for x, u in zip(w, update)]
     return w
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-3, 0.0])  # trust ratio near 1, floored at min_trust, w = 0
+# Weight norms about 5 and 3.6 (below the clamp at 10), about 30 and 18 (above it: the clamp
+# decides the step), tiny (trust floored at min_trust) and 0 (trust 1).
+@pytest.mark.parametrize("scale", [1.0, 5.0, 1e-3, 0.0])
 def test_lamb_matches_the_float64_formula(scale):
     gen = torch.Generator().manual_seed(1)
     shapes = [(7, 5), (13,)]  # two tensors: the trust ratio is per tensor
@@ -45,6 +48,31 @@ def test_lamb_matches_the_float64_formula(scale):
                                    rtol=1e-12, atol=1e-14)
 
 
+def test_lamb_clamps_the_weight_norm_at_10():
+    """A LayerNorm gain of 1024 ones (norm 32) as in the paper's preset: its first step uses
+    min(32, 10) / ||u||, a third of the unclamped step; math.inf gives the unclamped rule."""
+    gains = {c: torch.nn.Parameter(torch.ones(1024, dtype=torch.float64)) for c in (10.0, math.inf)}
+    for clamp, p in gains.items():
+        p.grad = torch.linspace(-1, 1, 1024, dtype=torch.float64)
+        Lamb([p], lr=0.01, betas=(0.99, 0.999), weight_decay=0.0, max_weight_norm=clamp).step()
+    update = torch.linspace(-1, 1, 1024, dtype=torch.float64)  # ||u|| about 10: trust above the floor
+    update = 0.01 * update / ((0.001 * update ** 2).sqrt() + 1e-6)
+    for clamp, p in gains.items():
+        trust = min(32.0, clamp) / torch.linalg.vector_norm(update).item()
+        torch.testing.assert_close(p.detach(), 1 - 0.01 * trust * update, rtol=1e-12, atol=1e-14)
+
+
+def test_an_old_lamb_state_dict_resumes_under_the_clamp():
+    """Checkpoints of sharnn_fast 0.1 hold LAMB groups without max_weight_norm: they load and
+    continue with the published clamp at 10."""
+    p = torch.nn.Parameter(torch.ones(4))
+    state = Lamb([p]).state_dict()
+    del state["param_groups"][0]["max_weight_norm"]
+    optimizer = Lamb([p])
+    optimizer.load_state_dict(state)
+    assert optimizer.param_groups[0]["max_weight_norm"] == 10.0
+
+
 def test_lamb_floors_the_trust_ratio_and_skips_params_without_grad():
     w = torch.nn.Parameter(torch.full((4,), 1e-3))  # ||w|| / ||u|| far below 0.25
     untouched = torch.nn.Parameter(torch.ones(3))
@@ -61,6 +89,8 @@ def test_lamb_rejects_bad_hyperparameters():
         Lamb(p, lr=-1.0)
     with pytest.raises(ValueError, match="betas"):
         Lamb(p, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="max_weight_norm"):
+        Lamb(p, max_weight_norm=0.0)
 
 
 def test_other_optimizers_and_unknown_name():

@@ -35,3 +35,15 @@ def assert_one_line_error(result, *fragments, status=2):
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def rewrite_checkpoint(source, target, edit):
+    """Save a copy of the checkpoint ``source`` at ``target`` after ``edit(payload)`` changed it
+    in place, as sharnn_fast would have written it."""
+    import torch
+
+    from sharnn_fast.training.checkpoint import save_checkpoint
+
+    payload = torch.load(source, weights_only=True)
+    edit(payload)
+    save_checkpoint(target, {k: v for k, v in payload.items() if k not in ("format", "version")})
