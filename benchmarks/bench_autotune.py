@@ -11,7 +11,7 @@ The tuning cache is written to a temporary folder, never the user's.
 import pytest
 
 import sharnn_fast
-from bench_model import Case, train_step
+from bench_model import Case, Spec, train_step
 from sharnn_fast import autotuning
 
 FORCED = ["reference", "torch", "triton", "cuda"]
@@ -40,8 +40,8 @@ def with_tuning(step, forget_first):
 
 
 def test_autotune_first_call(bench, device, model_size):
-    static = Case("auto", "single", model_size, device)
-    tuned = Case("auto", "single", model_size, device)
+    static = Case(Spec("auto", "auto"), "single", model_size, device, "train")
+    tuned = Case(Spec("auto", "auto"), "single", model_size, device, "train")
     tokens = model_size["T"] * model_size["B"]
     bench.compare("autotune: first training step, every op tuned",
                   {"static preference": train_step(static),
@@ -53,13 +53,13 @@ def test_autotune_first_call(bench, device, model_size):
 def test_autotuned_train_step(bench, device, model_size):
     runs, skipped = {}, {}
     for variant in FORCED + ["auto"]:
-        case = Case(variant, "single", model_size, device)
-        reason = case.why_not()
+        case = Case(Spec(variant, variant), "single", model_size, device, "train")
+        reason = case.prepare()
         if reason is not None:
             skipped[variant] = reason
             continue
         runs[variant] = train_step(case)
-    tuned_case = Case("auto", "single", model_size, device)
+    tuned_case = Case(Spec("auto", "auto"), "single", model_size, device, "train")
     tuned = with_tuning(train_step(tuned_case), forget_first=False)
     tuned()  # tune once, outside the timed rounds
     runs["auto + autotune"] = tuned

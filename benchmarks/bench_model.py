@@ -106,7 +106,12 @@ class Case:
 
     @contextlib.contextmanager
     def tuning(self):
-        autotuning.autotune(self.spec.tuned)
+        """Autotuning on while a tuned variant runs; other variants leave the switch as it is (off
+        unless the caller, e.g. bench_autotune.py, or SHARNN_FAST_AUTOTUNE turned it on)."""
+        if not self.spec.tuned:
+            yield
+            return
+        autotuning.autotune(True)
         try:
             yield
         finally:
