@@ -34,9 +34,11 @@ class Spec:
 
 
 # The comparison a GPU user makes, at the paper's size: the published model in its own recipe (fp16
-# autocast, as apex O1) and in bf16, our default ("auto", bf16), "auto" after autotune_model, every
-# backend forced, and "auto" in fp16, since cuDNN's persistent LSTM kernel runs in fp16 only. The
-# step-by-step reference takes seconds a step at that size and is timed on CPU only.
+# autocast, as apex O1) and under bf16 autocast (where its nn.LSTM still runs in fp16: PyTorch's
+# autocast casts cuDNN RNNs to fp16 whatever the autocast dtype), "auto" in bf16, "auto" after
+# autotune_model, every backend forced, and "auto fp16", `sharnn train`'s GPU default, where "auto"
+# takes cuDNN's persistent LSTM (fp16 only). The step-by-step reference takes seconds a step at that
+# size and is timed on CPU only.
 GPU_EAGER = [Spec("published fp16", "published", "float16"), Spec("published bf16", "published", "bfloat16"),
              Spec("auto", "auto"), Spec("auto autotuned", "auto", tuned=True), Spec("torch", "torch"),
              Spec("triton", "triton"), Spec("cuda", "cuda"), Spec("auto fp16", "auto", "float16")]

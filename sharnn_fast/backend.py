@@ -29,21 +29,45 @@ BACKENDS = ("reference", "torch", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
 ENV_VAR = "SHARNN_FAST_BACKEND"
 
-# Fastest first, per op and device type; an op or device not listed uses _DEFAULT_PREFERENCE.
+# Fastest first, per op and device type; an op or device not listed uses _DEFAULT_PREFERENCE. An
+# entry is a tuple, or a function of the call (its arguments and compute dtype) returning one and
+# the reason for it (shown by explain()), or None for no reason beyond the table.
 # A kernel enters a list only once benchmarks/ has measured it faster than what follows it on that
 # device (benchmarks/results/). On CPU PyTorch's own ops beat the step-by-step reference. On CUDA,
 # measured on an H200 on 2026-12-04 at the paper's sizes, forward+backward
 # (benchmarks/results/gpu_check/2026-12-04_NOTES.md):
-# - lstm, one layer, T 1024, B 16, H 1024: bf16 cuda 14.2 ms, triton 18.6, torch (cuDNN) 40.8;
-#   fp32 cuda 36.3, torch 49.1, triton 66.8. In fp16 cuDNN is faster (8.88 ms vs cuda 14.3): there
-#   autotuning (on by default in `sharnn train` with a GPU) picks torch.
+# - lstm, one layer, T 1024, B 16, H 1024: fp16 torch (cuDNN's persistent algorithm) 8.80 ms, cuda
+#   14.2; bf16 cuda 14.1 ms, triton 18.6, torch (cuDNN's standard algorithm) 36.8; fp32 cuda 36.3,
+#   torch 49.1, triton 66.8. cuDNN's persistent LSTM runs float16 only, on some shapes
+#   (_cudnn_persistent_lstm); everywhere else the cuda kernel is the fastest.
 # - attention, d 1024, Tq 1024, Tk 5000, bf16, dropout 0.1: triton 3.95 ms, torch 7.20 (its
 #   materialised path), SDPA 21.7. (Forward only at Tk 1024, SDPA's 0.41 ms beats triton's 0.45.)
 # - boom, d 1024, F 4096, bf16: triton 2.31 ms, torch 4.00.
 # A whole training step (bf16, single head, memory 3976) with these choices took 73.9 ms against the
-# torch backend's 174 ms; the published model took 55.3 ms (its cuDNN LSTM is faster, see the notes).
-_AUTO_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
-    "lstm": {"cuda": ("cuda", "triton", "torch", "reference")},
+# torch backend's 174 ms; the published model took 55.3 ms, because under bf16 autocast its nn.LSTM
+# runs cuDNN in float16 (PyTorch's autocast rule for cuDNN RNNs, see the notes).
+
+
+def _cudnn_persistent_lstm(x, weight_ih, weight_hh, *rest, dtype: torch.dtype) -> bool:
+    """Whether PyTorch runs this LSTM call (x [T, B, I], weight_hh [4H, H]) with cuDNN's persistent
+    algorithm, its fastest: float16 only, one layer, H <= 1024, H and I multiples of 128, and on
+    sm_80 or newer B a multiple of 8 and at most 128 (PyTorch's aten/src/ATen/native/cudnn/RNN.cpp,
+    get_algo and use_persist_common/device_heuristics). Other GPUs are left to the cuda kernel."""
+    B, I, H = x.shape[1], x.shape[2], weight_hh.shape[1]
+    return (dtype == torch.float16 and x.is_cuda and torch.backends.cudnn.is_available()
+            and torch.backends.cudnn.enabled and H <= 1024 and H % 128 == 0 and I % 128 == 0
+            and B % 8 == 0 and B <= 128 and torch.cuda.get_device_capability(x.device)[0] >= 8)
+
+
+def _lstm_on_cuda(args: tuple, dtype: torch.dtype) -> tuple[tuple[str, ...], Optional[str]]:
+    if _cudnn_persistent_lstm(*args, dtype=dtype):
+        return ("torch", "cuda", "triton", "reference"), "float16 at these sizes: cuDNN's persistent LSTM"
+    return ("cuda", "triton", "torch", "reference"), None
+
+
+Preference = Union[tuple[str, ...], Callable[[tuple, torch.dtype], tuple[tuple[str, ...], Optional[str]]]]
+_AUTO_PREFERENCE: dict[str, dict[str, Preference]] = {
+    "lstm": {"cuda": _lstm_on_cuda},
     "attention": {"cuda": ("triton", "torch", "reference")},
     "boom": {"cuda": ("triton", "torch", "reference")},
 }
@@ -214,12 +238,15 @@ def choose(op: str, requested: Optional[str], implementations: Mapping[str, Impl
                 return tuned, implementations[tuned]
 
     skipped = []
-    preference = _AUTO_PREFERENCE.get(op, {}).get(device.type, _DEFAULT_PREFERENCE)
+    preference, because = _AUTO_PREFERENCE.get(op, {}).get(device.type, _DEFAULT_PREFERENCE), None
+    if callable(preference):
+        preference, because = preference(args, tuning.dtype if tuning is not None else args[0].dtype)
     for candidate in preference:
         impl = implementations.get(candidate)
         reason = _missing(op, candidate) if impl is None else impl.why_not(*args)
         if reason is None:
-            why = f"auto on {device.type}, static preference" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+            why = (f"auto on {device.type}, static preference" + (f" ({because})" if because else "")
+                   + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
             _record(op, candidate, why)
             return candidate, impl
         skipped.append(f"{candidate} ({reason})")

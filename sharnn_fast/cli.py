@@ -75,7 +75,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      "afresh from it (the weights and optimizer continue); without, the resume is exact")
     run.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
-                     help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; fp16 uses a GradScaler)")
+                     help="autocast dtype (default: fp16 on a GPU, as published and the fastest there, with a "
+                     "GradScaler; fp32 on a CPU)")
     run.add_argument("--backend", default=S, help="kernel backend: reference, torch, triton, cuda or auto")
     run.add_argument("--autotune", type=_on_off, default=S, metavar="on|off",
                      help="measure every backend of each op at the first step (real segment length, batch, "
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=10,
                    help="columns (default 10; 1 scores every byte, with the longest context)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="autocast dtype (default: fp16 on a GPU, fp32 on a CPU)")
     _add_inference_backend(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, ...)")
 

@@ -66,3 +66,48 @@ def test_invalid_names_are_rejected(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "gpu")
     with pytest.raises(ValueError, match=f"environment variable {ENV_VAR} must be one of"):
         ops.boom(*small_boom())
+
+
+# The paper's size (B 16, I = H = 1024) on an H100/H200 (sm_90), then one condition broken at a time.
+@pytest.mark.parametrize("dtype, B, I, H, capability, cudnn_first", [
+    (torch.float16, 16, 1024, 1024, (9, 0), True),
+    (torch.float16, 128, 256, 128, (8, 0), True),
+    (torch.bfloat16, 16, 1024, 1024, (9, 0), False),  # cuDNN's persistent algorithm is float16 only
+    (torch.float32, 16, 1024, 1024, (9, 0), False),
+    (torch.float16, 10, 1024, 1024, (9, 0), False),   # B not a multiple of 8 (sharnn eval's 10 columns)
+    (torch.float16, 136, 1024, 1024, (9, 0), False),  # B over 128
+    (torch.float16, 16, 1024, 1152, (9, 0), False),   # H over 1024
+    (torch.float16, 16, 1000, 1024, (9, 0), False),   # I not a multiple of 128
+    (torch.float16, 16, 1024, 1000, (9, 0), False),   # H not a multiple of 128
+    (torch.float16, 16, 1024, 1024, (7, 5), False),   # before Ampere
+])
+def test_auto_lstm_on_cuda_prefers_cudnn_where_pytorch_runs_its_persistent_algorithm(
+        monkeypatch, dtype, B, I, H, capability, cudnn_first):
+    """The rule of PyTorch's cudnn/RNN.cpp (get_algo), checked without a GPU: a stand-in for x says
+    it is on CUDA, and the device's capability is patched."""
+    from types import SimpleNamespace
+
+    from sharnn_fast import backend
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    x = SimpleNamespace(shape=(7, B, I), is_cuda=True, device=torch.device("cuda", 0))
+    weight_hh = SimpleNamespace(shape=(4 * H, H))
+    order, because = backend._AUTO_PREFERENCE["lstm"]["cuda"]((x, None, weight_hh, None, None, None), dtype)
+    assert sorted(order) == sorted(backend.BACKENDS)
+    assert order[0] == ("torch" if cudnn_first else "cuda")
+    assert (because is not None) == cudnn_first
+
+
+@pytest.mark.gpu
+def test_auto_lstm_on_a_gpu_runs_cudnn_in_fp16_and_the_cuda_kernel_otherwise():
+    from sharnn_fast import build_info
+    w = [torch.randn(4 * 128, 128, device="cuda") * 0.1 for _ in range(2)] + [torch.zeros(512, device="cuda")] * 2
+    for B, dtype, expected in [(16, torch.float16, "torch"), (10, torch.float16, None), (16, torch.bfloat16, None)]:
+        x = torch.randn(5, B, 128, device="cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            ops.lstm(x, *w)
+        line = [s for s in sharnn_fast.explain().splitlines() if s.startswith("lstm:")][0]
+        if expected == "torch":
+            assert line.startswith("lstm: torch (auto on cuda, static preference (float16"), line
+        else:
+            assert line.startswith("lstm: cuda" if build_info()["cuda"] else "lstm: triton"), line

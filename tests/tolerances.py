@@ -29,6 +29,9 @@ FP32_PRECISION_ON_GPU = {
     "cuda": torch.float32,       # float32 FMAs, fixed summation order
 }
 REDUCED_SLACK = 2.0
+# cuDNN's bf16 LSTM (its standard algorithm; its rounding order is its own): grad of h0 measured
+# 2.25x the bf16 reference's error on an H200 (2026-12-04, tests/ops/test_lstm.py).
+CUDNN_BF16_SLACK = 3.0
 SCALE_FLOOR = 0.1
 
 
@@ -46,11 +49,13 @@ def assert_close(actual, expected, tolerance=torch.float32, name="tensor"):
     assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
 
 
-def assert_close_reduced(actual, reference_same_dtype, reference_fp32, name="tensor"):
-    """A reduced-precision result against the reference in the same dtype and in float32."""
+def assert_close_reduced(actual, reference_same_dtype, reference_fp32, name="tensor", *,
+                         slack=REDUCED_SLACK, floor=1e-6):
+    """A reduced-precision result against the reference in the same dtype and in float32: at most
+    ``slack`` times the reference's own error, or ``floor``, whichever is larger."""
     err = relative_error(actual, reference_fp32)
-    budget = REDUCED_SLACK * relative_error(reference_same_dtype, reference_fp32)
-    assert err <= max(budget, 1e-6), f"{name}: relative error {err:.3g} > {budget:.3g} (2x the reference's)"
+    budget = max(slack * relative_error(reference_same_dtype, reference_fp32), floor)
+    assert err <= budget, f"{name}: relative error {err:.3g} > {budget:.3g} ({slack:g}x the reference's, at least {floor:g})"
 
 
 def fp32_tolerance(device, backend="torch"):
@@ -90,20 +95,22 @@ def assert_all_close(got, expected, tolerance=torch.float32, what=""):
         assert_close(grads_a[name], grads_b[name], tolerance, f"{what} grad of {name}")
 
 
-def assert_all_close_reduced(got, reference_low, expected, what=""):
+def assert_all_close_reduced(got, reference_low, expected, what="", **bound):
     """assert_close_reduced on every output and gradient of three outputs_and_grads results: the
-    reduced-precision run, the reference in that dtype, and the float32 reference."""
+    reduced-precision run, the reference in that dtype, and the float32 reference. ``bound``:
+    assert_close_reduced's slack and floor."""
     for i, (g, r, e) in enumerate(zip(got[0], reference_low[0], expected[0])):
-        assert_close_reduced(g, r, e, f"{what} output {i}")
+        assert_close_reduced(g, r, e, f"{what} output {i}", **bound)
     for name in expected[1]:
-        assert_close_reduced(got[1][name], reference_low[1][name], expected[1][name], f"{what} grad {name}")
+        assert_close_reduced(got[1][name], reference_low[1][name], expected[1][name], f"{what} grad {name}", **bound)
 
 
-def compare_in_reduced_precision(run, run_reference, inputs: dict, dtype, what=""):
+def compare_in_reduced_precision(run, run_reference, inputs: dict, dtype, what="", **bound):
     """``run`` on ``inputs`` cast to ``dtype``, held to the float32 reference (at most
-    REDUCED_SLACK times the same-dtype reference's error). Returns the run's (outputs, grads)."""
+    REDUCED_SLACK times the same-dtype reference's error, or ``bound``: assert_close_reduced's
+    slack and floor). Returns the run's (outputs, grads)."""
     expected = outputs_and_grads(run_reference, inputs)
     low = {k: v.to(dtype) for k, v in inputs.items()}
     got = outputs_and_grads(run, low)
-    assert_all_close_reduced(got, outputs_and_grads(run_reference, low), expected, what)
+    assert_all_close_reduced(got, outputs_and_grads(run_reference, low), expected, what, **bound)
     return got

@@ -27,7 +27,8 @@ from ..backend import explain, get_backend
 from . import distributed
 from .checkpoint import (check_architecture, describe_tensors, model_from_checkpoint, non_finite_tensors,
                          read_checkpoint, save_checkpoint)
-from .config import ARCHITECTURE_KEYS, TrainConfig, build_model, default_preset, preset_config, validate
+from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
+                     validate)
 from .data import BatchStream, check_same_data, load_corpus
 from .errors import UserInputError
 from .optim import build_optimizer, learning_rate
@@ -149,8 +150,7 @@ class Trainer:
         c = self.config = config
         self.ctx, self.device = ctx, ctx.device
         self.save_dir = Path(save_dir) if save_dir is not None else None
-        self.precision = c.precision or ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-                                         else "fp32")
+        self.precision = c.precision or default_precision(self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise UserInputError("--precision fp16 needs a CUDA device (it trains with a GradScaler); "
                                  "on a CPU use fp32 or bf16")
@@ -638,7 +638,7 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
     data: a prepared folder or a file; None uses the data the checkpoint was trained on. Segments
     of the checkpoint's bptt, state carried across the split (see :func:`evaluate`), ``batch_size``
     columns (the published script uses 10 for valid and 1 for test; 1 gives every byte the longest
-    context). precision: None is fp32 on a CPU, bf16 on a GPU that has it. backend: None is the
+    context). precision: None is fp32 on a CPU, fp16 on a GPU (:func:`~.config.default_precision`). backend: None is the
     checkpoint's where it runs, else auto (see :func:`~.checkpoint.model_from_checkpoint`). Under
     torchrun the columns are shared among the ranks.
     """
@@ -650,7 +650,7 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
     config = TrainConfig.from_dict(payload["config"])
     ctx = distributed.setup(device)
     try:
-        precision = precision or ("bf16" if ctx.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+        precision = precision or default_precision(ctx.device)
         if precision == "fp16" and ctx.device.type != "cuda":
             raise UserInputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
         corpus = load_corpus(data if data is not None else config.data, config.split)

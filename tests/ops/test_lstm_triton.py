@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 import sharnn_fast
 from sharnn_fast import BackendUnavailableError, ops
 from test_lstm import SHAPES, lstm_inputs, run_lstm
-from tolerances import (assert_all_close, assert_all_close_reduced, compare_in_reduced_precision,
+from tolerances import (TOLERANCE, assert_all_close, assert_all_close_reduced, compare_in_reduced_precision,
                         fp32_tolerance, outputs_and_grads)
 
 lstm_triton = importlib.import_module("sharnn_fast.ops.lstm.triton")
@@ -143,11 +143,15 @@ def test_matches_reference_bf16_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paper_size_on_gpu(dtype):
-    """float32 (tf32x3 dots) and bfloat16 alike: no further from the float64 reference than twice
-    the reference computed in that dtype. Over 1024 steps the recurrence amplifies every rounding,
-    so the bound comes from the reference's own error rather than from a fixed number."""
+    """No further from the float64 reference than twice the reference computed in that dtype: over
+    1024 steps the recurrence amplifies every rounding, so the bound comes from the reference's own
+    error. float32 inputs multiply in tf32x3 here (8x float32's rounding per product), so they get
+    the tf32x3 bound as a floor: measured 3.0e-6 on an H200 (2026-12-04) where the float32
+    reference's own error was 1.4e-6; single-pass tf32 would be 1e-4 and more."""
     inputs = lstm_inputs(*PAPER_SHAPE, device="cuda", dtype=torch.float64)
-    outputs, _ = compare_in_reduced_precision(run_lstm("triton"), run_lstm("reference"), inputs, dtype)
+    floor = TOLERANCE["tf32x3"] if dtype == torch.float32 else 1e-6
+    outputs, _ = compare_in_reduced_precision(run_lstm("triton"), run_lstm("reference"), inputs, dtype,
+                                              floor=floor)
     assert all(o.dtype == dtype for o in outputs)
 
 

@@ -142,3 +142,14 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus_file, 
     resumed = run_sharnn("train", "--resume", tmp_path / "last.pt", "--max-steps", step + 2)
     assert resumed.returncode == 0, resumed.stderr
     assert f"finished after {step + 2} steps" in resumed.stdout
+
+
+def test_default_precision_is_fp16_on_a_gpu_and_fp32_on_a_cpu():
+    """fp16 on CUDA (the published recipe, and cuDNN's persistent LSTM is fp16 only); no device
+    needed to check the rule. The help says the same."""
+    from sharnn_fast.training.config import default_precision
+    assert default_precision(torch.device("cuda", 0)) == "fp16"
+    assert default_precision("cuda") == "fp16"
+    assert default_precision(torch.device("cpu")) == "fp32"
+    help_text = run_sharnn("train", "--help").stdout
+    assert "default: fp16 on a GPU" in " ".join(help_text.split())

@@ -62,5 +62,5 @@ def test_autotune_is_on_by_default_on_a_gpu(tmp_path, corpus_file):
                         "--device", "cuda", "--save", run, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     tuned = [e for e in _events(run) if e["split"] == "autotune"]
-    assert len(tuned) == 1 and tuned[0]["precision"] == "bf16" and tuned[0]["choices"]
+    assert len(tuned) == 1 and tuned[0]["precision"] == "fp16" and tuned[0]["choices"]  # the GPU default
     assert torch.cuda.is_available()
