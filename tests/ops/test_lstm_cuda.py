@@ -402,8 +402,11 @@ print("ran")
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_compute_sanitizer_is_clean(tool):
+def test_compute_sanitizer_is_clean(tool, tmp_path):
     # About a minute for both tools (CUDA and torch start up under the sanitizer), so opt-in.
+    # The child runs in tmp_path: `python -c` puts its working directory first on sys.path, and
+    # from the repository root that would import the source tree (no compiled kernels) instead of
+    # the sharnn_fast this process imported.
     if os.environ.get("SHARNN_SANITIZER") != "1":
         pytest.skip("set SHARNN_SANITIZER=1 to run compute-sanitizer on the LSTM kernels")
     sanitizer = shutil.which("compute-sanitizer")
@@ -413,6 +416,6 @@ def test_compute_sanitizer_is_clean(tool):
     result = subprocess.run(
         [sanitizer, f"--tool={tool}", "--error-exitcode=3", "--kernel-name", "kns=lstm_",
          sys.executable, "-c", _SANITIZED_RUN],
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     output = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0 and "ran" in result.stdout, output
