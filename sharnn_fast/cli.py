@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
     p.add_argument("--split", default="valid", choices=("valid", "test", "train"), help="default valid")
     p.add_argument("--batch-size", type=_positive_int, default=10,
-                   help="columns (default 10; 1 scores every byte, with the longest context)")
+                   help="columns, of all processes together under torchrun, so that any number of "
+                   "processes scores the same bytes (default 10; 1 scores every byte, with the longest context)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype (default: fp16 on a GPU, fp32 on a CPU)")
@@ -225,6 +226,8 @@ def _eval(args) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                  device=args.device, precision=args.precision, backend=args.backend)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun every rank holds the same result; rank 0 prints it
     if args.json:
         print(strict_json(result))
     else:

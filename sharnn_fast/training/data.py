@@ -374,27 +374,43 @@ def default_corpus_file(max_bytes: int = 4_000_000) -> Path:
 
 class BatchStream:
     """One split laid out as parallel streams, as the published batchify does: the bytes are cut
-    into ``batch_size * world_size`` equal columns (the remainder dropped), column j holding the
-    j-th contiguous stretch; rank r reads columns r * batch_size ... (r + 1) * batch_size - 1.
+    into equal columns (the remainder dropped), column j holding the j-th contiguous stretch, and
+    each rank reads a contiguous run of them.
+
+    ``batch_size`` counts one rank's columns (training: ``batch_size * world_size`` columns, rank r
+    reads r * batch_size ... (r + 1) * batch_size - 1), or with ``shared=True`` the columns of all
+    ranks together (``sharnn eval``: the same columns, so the same bytes, however many processes
+    run; rank r reads r * batch_size // world_size up to (r + 1) * batch_size // world_size).
 
     ``segment(position, seq_len)`` returns inputs x and targets y, each [T, B] torch.long on the
     device, with T = min(seq_len, length - 1 - position) and y the next byte of x. Only those
     (T + 1) * B bytes are copied; everything else stays a view of the (memory-mapped) split.
+
+    Raises UserInputError: the split is too short for the columns; with ``shared``, fewer columns
+    than ranks.
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 split: str = "train", min_length: int = 2, watch: Optional[FileWatch] = None):
-        columns = batch_size * world_size
+                 split: str = "train", min_length: int = 2, watch: Optional[FileWatch] = None,
+                 shared: bool = False):
+        if shared:
+            if batch_size < world_size:
+                raise UserInputError(f"--batch-size {batch_size} counts the columns of all processes, and "
+                                     f"each of the {world_size} processes needs at least one: use "
+                                     f"--batch-size {world_size} or more, or fewer processes")
+            columns, first, end = batch_size, rank * batch_size // world_size, (rank + 1) * batch_size // world_size
+        else:
+            columns, first, end = batch_size * world_size, rank * batch_size, (rank + 1) * batch_size
         self.length = data.numel() // columns  # bytes per column
         if self.length < min_length:
             need = columns * min_length
             raise UserInputError(f"the {split} split has {data.numel():,} bytes, too short for "
-                                 f"{columns} columns (batch size x ranks) of at least {min_length} "
+                                 f"{columns} columns (all processes together) of at least {min_length} "
                                  f"bytes each (bptt + 1 when training): it needs at least {need:,} "
                                  f"bytes; use a smaller batch size or bptt, or more data")
         grid = data.narrow(0, 0, self.length * columns).view(columns, self.length)  # [columns, L] view
-        self.grid = grid.narrow(0, rank * batch_size, batch_size)  # [B, L] view: this rank's columns
-        self.batch_size = batch_size
+        self.grid = grid.narrow(0, first, end - first)  # [B, L] view: this rank's columns
+        self.batch_size = end - first
         self.watch = watch
 
     @property

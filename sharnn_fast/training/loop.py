@@ -633,14 +633,18 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
                         device: Optional[str] = None, precision: Optional[str] = None,
                         backend: Optional[str] = None) -> dict:
     """Bits per byte of a checkpoint on one split: ``{"split", "bpc", "loss" (nats per byte),
-    "tokens" (bytes predicted), "checkpoint", "step", "data"}``.
+    "tokens" (bytes predicted), "checkpoint", "step", "data", "processes"}``.
 
     data: a prepared folder or a file; None uses the data the checkpoint was trained on. Segments
     of the checkpoint's bptt, state carried across the split (see :func:`evaluate`), ``batch_size``
     columns (the published script uses 10 for valid and 1 for test; 1 gives every byte the longest
-    context). precision: None is fp32 on a CPU, fp16 on a GPU (:func:`~.config.default_precision`). backend: None is the
-    checkpoint's where it runs, else auto (see :func:`~.checkpoint.model_from_checkpoint`). Under
-    torchrun the columns are shared among the ranks.
+    context). Under torchrun ``batch_size`` counts the columns of all processes together, shared
+    out among them, so any number of processes scores the same bytes (and gives the same bpc, to
+    float rounding); every rank returns the same result. precision: None is fp32 on a CPU, fp16 on
+    a GPU (:func:`~.config.default_precision`). backend: None is the checkpoint's where it runs,
+    else auto (see :func:`~.checkpoint.model_from_checkpoint`).
+
+    Raises UserInputError: a bad argument, checkpoint or data; fewer columns than processes.
     """
     if split not in ("train", "valid", "test"):
         raise UserInputError(f"--split must be train, valid or test, got {split!r}")
@@ -655,7 +659,7 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
             raise UserInputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
         corpus = load_corpus(data if data is not None else config.data, config.split)
         stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split,
-                             watch=corpus.watches[split])
+                             watch=corpus.watches[split], shared=True)
         model = model_from_checkpoint(payload, path, ctx.device, backend)
         loss, count = evaluate(model, stream, bptt=config.bptt, precision=precision, ctx=ctx)
         distributed.barrier(ctx)
@@ -665,4 +669,4 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
     finally:
         distributed.teardown(ctx)
     return dict(split=split, bpc=bits_per_byte(loss), loss=loss, tokens=count, checkpoint=str(path),
-                step=payload["progress"]["step"], data=corpus.description)
+                step=payload["progress"]["step"], data=corpus.description, processes=ctx.world_size)

@@ -38,3 +38,31 @@ def test_two_ranks_of_batch_4_match_one_process_of_batch_8(tmp_path, corpus_file
         assert abs(ea["loss"] - eb["loss"]) < 1e-5  # valid and test reduced across ranks
         if ea["split"] != "train":
             assert ea["tokens"] == eb["tokens"]
+
+
+def _torchrun(*args, nproc=2, timeout=180):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", "sharnn_fast", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=sharnn_env(), cwd=ROOT)
+
+
+def test_eval_under_torchrun_scores_the_same_bytes_as_one_process(tmp_path, corpus_file):
+    """--batch-size counts the columns of all processes: 2 processes x 3 columns in all (2 + 1, an
+    uneven share) give what 1 process gives, printed once; fewer columns than processes is refused."""
+    trained = run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--save", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    ckpt = tmp_path / "run" / "last.pt"
+    single = run_sharnn("eval", "--checkpoint", ckpt, "--batch-size", "3", "--json")
+    assert single.returncode == 0, single.stderr
+    ddp = _torchrun("eval", "--checkpoint", ckpt, "--batch-size", "3", "--json")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    lines = [line for line in ddp.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, ddp.stdout  # one result, not one per process
+    one, two = json.loads(single.stdout), json.loads(lines[0])
+    assert (one["tokens"], one["processes"], two["processes"]) == (two["tokens"], 1, 2)
+    assert abs(one["bpc"] - two["bpc"]) < 1e-6, (one["bpc"], two["bpc"])
+
+    refused = _torchrun("eval", "--checkpoint", ckpt, "--batch-size", "1")
+    assert refused.returncode != 0
+    # Each process says it in one line before torchrun's own report (which has torchrun's traceback).
+    assert refused.stderr.startswith("sharnn eval: error: --batch-size 1 counts the columns of all processes")
