@@ -3,6 +3,7 @@ checkpoint that is good, no checkpoint ever holds a non-finite weight, best is n
 broken checkpoint is an error, metrics.jsonl stays strict JSON, non-finite flags are refused."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +91,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_everywhere(tmp_path, co
     run(corpus_file, tmp_path, max_steps=1)
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     payload["model"]["encoder.weight"][0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    del payload["checksum"]  # as sharnn_fast 0.1, which had no checksum, saved a diverged run's weights
     torch.save(payload, tmp_path / "broken.pt")
     with pytest.raises(UserInputError, match=r"holds NaN or inf weights \(3 non-finite values in 1 tensor, "
                                              r"first encoder.weight\)"):
@@ -125,3 +127,53 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path, corpus_file):
     with pytest.raises(UserInputError, match="trained with --optimizer lamb; its optimizer state cannot continue as "
                                              "--optimizer sgd"):
         train(None, dict(max_steps=2, optimizer="sgd"), resume_path=tmp_path / "last.pt")
+
+
+def flip_a_weight_bit(source, target):
+    """Copy a checkpoint and flip one bit in the middle of its largest tensor's bytes: torch.save
+    stores them uncompressed in a zip, after the member's local header (30 bytes, the name, the
+    extra field)."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(source) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(Path(source).read_bytes())
+    name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)
+    data[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0x10
+    Path(target).write_bytes(bytes(data))
+
+
+def test_a_checkpoint_whose_bytes_changed_is_refused_everywhere(tmp_path, corpus_file):
+    """One flipped bit in a weight: torch.load does not notice (the zip's CRC is not checked); the
+    checksum saved in the checkpoint does, in load_checkpoint, eval, generate and --resume."""
+    run(corpus_file, tmp_path, max_steps=1)
+    flip_a_weight_bit(tmp_path / "last.pt", tmp_path / "flipped.pt")
+    torch.load(tmp_path / "flipped.pt", weights_only=True)  # still loads: only the checksum can tell
+    sharnn_fast.load_checkpoint(tmp_path / "last.pt")  # the original is fine
+    corrupt = "is corrupt: its content does not match the checksum saved with it"
+    with pytest.raises(UserInputError, match=corrupt):
+        sharnn_fast.load_checkpoint(tmp_path / "flipped.pt")
+    with pytest.raises(UserInputError, match=corrupt):
+        train(None, {"max_steps": 2}, resume_path=tmp_path / "flipped.pt")
+    assert_one_line_error(run_sharnn("eval", "--checkpoint", tmp_path / "flipped.pt"), corrupt)
+    assert_one_line_error(run_sharnn("generate", "--checkpoint", tmp_path / "flipped.pt", "--prompt", "a"), corrupt)
+
+
+def test_the_checksum_covers_every_value_of_a_checkpoint():
+    """content_digest changes with any tensor byte, dtype or shape and any plain value, and not with
+    the checksum field itself."""
+    from sharnn_fast.training.checkpoint import content_digest
+    base = dict(format="f", version=1, model={"w": torch.arange(6, dtype=torch.float32)},
+                progress={"step": 3, "best": None, "lr": 0.5}, rng={"cuda": None}, carry=[(torch.zeros(2),)])
+    digest = content_digest(base)
+    assert content_digest(dict(base, checksum={"sha256": "x"})) == digest
+    variants = [
+        dict(base, model={"w": torch.arange(6, dtype=torch.float32).index_put_((torch.tensor(5),), torch.tensor(5.5))}),
+        dict(base, model={"w": torch.arange(6, dtype=torch.float64)}),
+        dict(base, model={"w": torch.arange(6, dtype=torch.float32).view(2, 3)}),
+        dict(base, progress={"step": 4, "best": None, "lr": 0.5}),
+        dict(base, progress={"step": 3, "best": None, "lr": 0.5000001}),
+        dict(base, progress={"step": 3, "best": 0.0, "lr": 0.5}),
+        dict(base, carry=[[torch.zeros(2)]]),
+    ]
+    assert all(content_digest(v) != digest for v in variants)

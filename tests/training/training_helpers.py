@@ -46,4 +46,4 @@ def rewrite_checkpoint(source, target, edit):
 
     payload = torch.load(source, weights_only=True)
     edit(payload)
-    save_checkpoint(target, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    save_checkpoint(target, {k: v for k, v in payload.items() if k not in ("format", "version", "checksum")})
