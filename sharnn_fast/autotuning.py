@@ -201,6 +201,9 @@ def _save_disk() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", suffix=".tmp",
                                          delete=False) as tmp:
+            from .training._io import new_file_mode  # here: training imports this module
+
+            os.chmod(tmp.name, new_file_mode(path))  # NamedTemporaryFile's 0600 would ignore the umask
             json.dump(data, tmp, indent=1, sort_keys=True)
             tmp.flush()
             os.fsync(tmp.fileno())

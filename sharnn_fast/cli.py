@@ -68,8 +68,16 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         help="stop after N optimizer steps in all (counting resumed ones)")
     length.add_argument("--epochs", type=int, default=S, metavar="E", help="stop after E epochs in all")
     run.add_argument("--save", default=None, metavar="DIR", help="where last.pt, best.pt and metrics.jsonl go "
-                     "(default: the resumed checkpoint's folder, else sharnn-runs/PRESET-TIME)")
-    run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint")
+                     "(default: the resumed checkpoint's folder, else sharnn-runs/PRESET-TIME). One run per folder: "
+                     "a folder in use by a running `sharnn train` is refused (naming its pid), and so is a folder "
+                     "that holds another run, unless --overwrite")
+    run.add_argument("--overwrite", action="store_true", help="let a new run replace the run in --save (its "
+                     "last.pt, best.pt and metrics.jsonl are deleted first)")
+    run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint. "
+                     "Into its own folder it continues that run: from a checkpoint earlier than last.pt (e.g. best.pt), "
+                     "the later last.pt and the metrics after its step are moved to DIR/replaced-after-step-S-TIME/ "
+                     "(a note says so). Into another --save folder it starts a new history there (its best.pt is "
+                     "the best of its own evaluations). A complete run is left as it is (exit 0)")
     run.add_argument("--seed", type=int, default=S, help="random seed of the weights, dropout and lengths "
                      "(default: the preset's, 5512 as published). With --resume: dropout and lengths start "
                      "afresh from it (the weights and optimizer continue); without, the resume is exact")
@@ -197,7 +205,7 @@ def _train(args) -> int:
     from .training.data import parse_split
 
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "preset", "save", "resume")}
+                 if k not in ("command", "preset", "save", "resume", "overwrite")}
     if "attn_layers" in overrides:
         overrides["attn_layers"] = parse_attn_layers(overrides["attn_layers"])
     if "split" in overrides:
@@ -206,7 +214,7 @@ def _train(args) -> int:
         overrides["when"] = tuple(overrides["when"])
     if "data" in overrides:
         overrides["data"] = str(Path(overrides["data"]).resolve())
-    summary = train(args.preset, overrides, save_dir=args.save, resume_path=args.resume)
+    summary = train(args.preset, overrides, save_dir=args.save, resume_path=args.resume, overwrite=args.overwrite)
     return summary["exit_code"]
 
 

@@ -105,3 +105,12 @@ def all_gather_cat(tensor: torch.Tensor, ctx: Context, dim: int) -> torch.Tensor
     parts = [torch.empty_like(source) for _ in range(ctx.world_size)]
     dist.all_gather(parts, source)
     return torch.cat(parts, dim=dim).to(tensor.device)
+
+
+def broadcast_object(value, ctx: Context):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself in a single process."""
+    if not ctx.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

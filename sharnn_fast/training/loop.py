@@ -33,6 +33,7 @@ from .data import BatchStream, check_same_data, load_corpus
 from .errors import UserInputError
 from .optim import build_optimizer, learning_rate
 from .report import MetricsLog, Progress, bits_per_byte, summary_text
+from .run_folder import RunFolder, complete_run_message
 
 
 class TrainingDiverged(RuntimeError):
@@ -186,7 +187,7 @@ class Trainer:
         self.stop_agreed = False  # every rank has seen a stop request (at a flush)
         self.lr = 0.0
         self._started = self._last_log_time = time.perf_counter()  # run() starts the clock again
-        self.last_valid: Optional[dict] = None
+        self.last_valid: Optional[dict] = None  # the last valid evaluation's event (step, loss, bpc, ...)
         # (path, step) of the newest checkpoint known to be good: the last save, else the one resumed
         self.last_good: Optional[tuple] = None
         self.notices: list[str] = []
@@ -205,8 +206,7 @@ class Trainer:
         # where every op first runs with the real segment length, batch, dtype and mode.
         self.autotune = c.autotune if c.autotune is not None else self.device.type == "cuda"
         self.autotune_reported = False
-        self.metrics = MetricsLog(self.save_dir, ctx.is_main, resume_step=self.step if resume else None) \
-            if self.save_dir is not None else None
+        self.metrics = MetricsLog(self.save_dir, ctx.is_main) if self.save_dir is not None else None
         self.progress = Progress(total=self.total_steps(), initial=self.step, enabled=ctx.is_main and progress)
 
     # --- state ---------------------------------------------------------------------------------
@@ -256,9 +256,10 @@ class Trainer:
                    cuda=(distributed.all_gather_cat(torch.cuda.get_rng_state(self.device)[None], self.ctx, dim=0)
                          if self.device.type == "cuda" else None),
                    lengths=self.lengths.get_state())
+        last_valid = {k: self.last_valid[k] for k in ("step", "loss", "bpc")} if self.last_valid else None
         progress = dict(step=self.step, epoch=self.epoch, position=self.position, tokens=self.tokens,
                         elapsed_s=self.elapsed(), best_valid_bpc=self.best_valid_bpc, best_step=self.best_step,
-                        world_size=self.ctx.world_size, global_batch=self.global_batch)
+                        last_valid=last_valid, lr=self.lr, world_size=self.ctx.world_size, global_batch=self.global_batch)
         return dict(config=self.config.to_dict(), model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -287,6 +288,8 @@ class Trainer:
         self.step, self.epoch, self.position, self.tokens = p["step"], p["epoch"], p["position"], p["tokens"]
         self.elapsed_before = p["elapsed_s"]
         self.best_valid_bpc, self.best_step = p["best_valid_bpc"], p["best_step"]
+        self.last_valid = p.get("last_valid")  # missing (sharnn_fast 0.1): unknown, so evaluated again if due
+        self.lr = p.get("lr", 0.0)  # the last step's, which evaluation events report
         self.lengths.set_state(payload["rng"]["lengths"])
         if p["world_size"] == self.ctx.world_size:
             torch.set_rng_state(payload["rng"]["torch_cpu"][self.ctx.rank].clone())
@@ -426,7 +429,7 @@ class Trainer:
                                precision=self.precision, ctx=self.ctx)
         seconds = time.perf_counter() - started
         self._last_log_time += seconds  # evaluation time does not count against training throughput
-        event = dict(step=self.step, split=split, loss=loss, bpc=bits_per_byte(loss), lr=getattr(self, "lr", 0.0),
+        event = dict(step=self.step, split=split, loss=loss, bpc=bits_per_byte(loss), lr=self.lr,
                      tokens_per_s=count / max(seconds, 1e-9), epoch=self.epoch, tokens=count, time_s=self.elapsed())
         self._log(event)
         return event
@@ -441,6 +444,7 @@ class Trainer:
         improved = self.best_valid_bpc is None or event["bpc"] < self.best_valid_bpc
         if improved:
             self.best_valid_bpc, self.best_step = event["bpc"], self.step
+        self.last_valid = event  # before saving: the checkpoint records that this step was evaluated
         self.save(best=improved)
         return event
 
@@ -465,9 +469,13 @@ class Trainer:
                                    f"Try a lower --lr or more --warmup")
 
     def finished(self) -> bool:
-        c = self.config
-        return ((c.max_steps is not None and self.step >= c.max_steps)
-                or (c.epochs is not None and self.epoch >= c.epochs))
+        return run_finished(self.config, self.step, self.epoch)
+
+    def valid_due(self) -> bool:
+        """An evaluation step whose evaluation has not been made: a run stopped by a signal right
+        after it saves without evaluating, and its resume evaluates first."""
+        return (self.step > 0 and self.step % self.config.eval_interval == 0
+                and (self.last_valid is None or self.last_valid["step"] != self.step))
 
     def run(self) -> dict:
         """Train until --max-steps or --epochs, a signal, or a NaN; returns the summary dict
@@ -477,6 +485,8 @@ class Trainer:
             self.progress.message(f"note: {notice}")
         with self._signals_caught(), self._autotuning():
             try:
+                if not self.finished() and self.valid_due():
+                    self.validate_and_save()
                 while not self.finished() and self.advance():
                     pass
                 self._log(self.flush())
@@ -543,7 +553,7 @@ class Trainer:
             return False
         if self.step % c.eval_interval == 0:
             self._log(self.flush())
-            self.last_valid = self.validate_and_save()
+            self.validate_and_save()
         return True
 
     @contextlib.contextmanager
@@ -593,12 +603,18 @@ class Trainer:
         return summary
 
 
+def run_finished(config: TrainConfig, step: int, epoch: int) -> bool:
+    """Whether a run at ``step`` (``epoch`` epochs finished) has reached --max-steps or --epochs."""
+    return ((config.max_steps is not None and step >= config.max_steps)
+            or (config.epochs is not None and epoch >= config.epochs))
+
+
 def default_save_dir(config: TrainConfig) -> Path:
     return Path("sharnn-runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, save_dir=None,
-          resume_path=None, progress: bool = True) -> dict:
+          resume_path=None, progress: bool = True, overwrite: bool = False) -> dict:
     """Train: the preset (or the checkpoint at ``resume_path``) with the explicitly given
     ``overrides`` (TrainConfig fields; see :func:`make_config`), in a single process or, under
     torchrun, with DDP. Writes last.pt, best.pt and metrics.jsonl to ``save_dir`` (default: the
@@ -606,26 +622,56 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
     returns it as a dict (``exit_code``: 0 finished, 128 + signal when stopped by one).
     A resume continues exactly, random generators included, unless ``overrides`` holds a seed:
     then dropout and the sequence lengths start afresh from it (the paper's second stage).
-    Raises UserInputError for bad input and TrainingDiverged on a NaN or inf loss."""
+
+    The folder (:mod:`.run_folder`): locked for the run (rank 0); a folder that holds another run
+    is refused unless ``overwrite`` (which deletes its last.pt, best.pt and metrics.jsonl); a
+    resume into the checkpoint's own folder moves what it replaces aside; a resume into another
+    folder starts its best afresh. A resume of a complete run changes nothing and returns
+    ``{"stopped": "already complete", "exit_code": 0, ...}``.
+    Raises UserInputError for bad input (a folder in use or holding a run among them) and
+    TrainingDiverged on a NaN or inf loss."""
     resume = read_checkpoint(resume_path) if resume_path is not None else None
     config = make_config(preset, dict(overrides or {}), resume["config"] if resume else None, resume_path)
     if save_dir is None:
         save_dir = Path(resume_path).parent if resume_path is not None else default_save_dir(config)
+    save_dir = Path(save_dir)
     ctx = distributed.setup(config.device)
+    folder = None
     try:
-        save_dir = Path(save_dir)
-        if save_dir.exists() and not save_dir.is_dir():
-            raise UserInputError(f"--save {save_dir} exists and is not a folder")
+        # Rank 0 alone reads and changes the folder; every rank then acts on what it decided.
+        plan = None
         if ctx.is_main:
-            save_dir.mkdir(parents=True, exist_ok=True)
+            p = resume["progress"] if resume is not None else None
+            complete = complete_run_message(resume_path, p, run_finished(config, p["step"], p["epoch"])) \
+                if resume is not None else None
+            try:
+                if complete is None:
+                    folder = RunFolder(save_dir, resume=resume, resume_path=resume_path, overwrite=overwrite).open()
+                plan = dict(complete=complete, notes=folder.notes if folder else [],
+                            same_folder=folder.same_folder if folder else True)
+            except UserInputError as err:
+                plan = dict(error=str(err))
+        plan = distributed.broadcast_object(plan, ctx)
+        if "error" in plan:
+            raise UserInputError(plan["error"])
+        if plan["complete"] is not None:
+            if ctx.is_main:
+                print(plan["complete"], flush=True)
+            return dict(stopped="already complete", exit_code=0, step=resume["progress"]["step"],
+                        checkpoint=str(resume_path))
         trainer = Trainer(config, ctx, save_dir=save_dir, resume=resume, resume_path=resume_path,
                           reseed=resume is not None and "seed" in (overrides or {}), progress=progress)
+        trainer.notices[:0] = plan["notes"]
+        if not plan["same_folder"]:  # a new history: best.pt here is the best of this run's evaluations
+            trainer.best_valid_bpc = trainer.best_step = None
         summary = trainer.run()
         distributed.barrier(ctx)
         if ctx.is_main:
             print(summary_text(summary), flush=True)
         return summary
     finally:
+        if folder is not None:
+            folder.close()
         distributed.teardown(ctx)
 
 

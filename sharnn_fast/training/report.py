@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ._io import atomic_open
 from .errors import UserInputError
 
 METRICS_NAME = "metrics.jsonl"
@@ -68,24 +67,12 @@ class MetricsLog:
     """metrics.jsonl: one JSON object per line, one line per log or evaluation event, each with at
     least step, split ("train", "valid" or "test"), loss (nats per byte), bpc, lr and tokens_per_s.
     Strict JSON (RFC 8259): a NaN or infinite number is written as null, and the event's
-    ``non_finite`` field maps each such field to what it was ("NaN", "Infinity" or "-Infinity")."""
+    ``non_finite`` field maps each such field to what it was ("NaN", "Infinity" or "-Infinity").
+    Events are appended; what a resume replaces is moved aside first (:mod:`.run_folder`)."""
 
-    def __init__(self, folder: Path, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, folder: Path, enabled: bool):
         self.path = Path(folder) / METRICS_NAME
         self.enabled = enabled
-        if enabled and resume_step is not None and self.path.exists():
-            self._drop_after(resume_step)
-        elif enabled and resume_step is None and self.path.exists():
-            # A new run in an old folder: start the log afresh rather than mixing two runs.
-            self.path.unlink()
-
-    def _drop_after(self, step: int) -> None:
-        """Forget events logged after the checkpoint being resumed (a run killed between
-        checkpoints), so the log reads as one continuous run."""
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and _event_step(line) <= step]
-        with atomic_open(self.path, "w") as out:
-            out.write("".join(line + "\n" for line in kept))
 
     def write(self, event: dict) -> None:
         if self.enabled:
@@ -101,13 +88,6 @@ def strict_json(event: dict) -> str:
         event = {k: (None if k in non_finite else v) for k, v in event.items()}
         event["non_finite"] = non_finite
     return json.dumps(event, allow_nan=False)
-
-
-def _event_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def read_metrics(folder) -> list[dict]:

@@ -104,7 +104,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_everywhere(tmp_path, co
 
 
 def test_metrics_jsonl_writes_non_finite_numbers_as_null_and_says_why(tmp_path):
-    log = MetricsLog(tmp_path, enabled=True, resume_step=None)
+    log = MetricsLog(tmp_path, enabled=True)
     log.write(dict(step=1, split="train", loss=math.nan, bpc=math.inf, lr=1e-3, tokens_per_s=5.0))
     log.write(dict(step=2, split="valid", loss=1.0, bpc=1.5, lr=1e-3, tokens_per_s=5.0))
     first, second = strict_events(tmp_path)
