@@ -18,7 +18,10 @@ Format (version 1): one ``torch.save`` of a dict holding only tensors and plain 
 - ``progress``: ``step`` (optimizer steps done), ``epoch`` (finished epochs), ``position`` (byte
   offset in each training column where the next segment starts), ``tokens`` (tokens trained on,
   all ranks), ``elapsed_s``, ``best_valid_bpc`` and ``best_step`` (None before the first evaluation),
-  ``world_size`` and ``global_batch``.
+  ``last_valid`` (``{"step", "loss", "bpc"}`` of the last valid evaluation, or None: a checkpoint
+  saved by a stop on an evaluation step shows it was not evaluated, and the resume evaluates it),
+  ``lr`` (the last step's learning rate), ``world_size`` and ``global_batch``. ``last_valid`` and
+  ``lr`` are missing in checkpoints of sharnn_fast 0.1.
 - ``rng``: ``torch_cpu`` [world_size, n] uint8 (each rank's CPU generator: dropout), ``cuda``
   [world_size, n] uint8 or None, ``lengths`` uint8 (the generator of the random sequence lengths,
   the same on every rank). Python's ``random`` and numpy are not used by training.

@@ -16,6 +16,7 @@ import math
 import os
 import pkgutil
 import sys
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ._io import atomic_open
+from ._io import FolderLock, atomic_open, remove_stale_temporaries
 from .errors import UserInputError
 
 SPLITS = ("train", "valid", "test")
@@ -133,9 +134,13 @@ def prepare(source, out_dir, fractions: Optional[tuple] = None) -> dict:
     sorted path order, hidden files left out). enwik8 (by name or by its size of 100,000,000 bytes)
     gets the paper's split: first 90M bytes train, next 5M valid, last 5M test. Anything else is
     split in order by ``fractions`` (train, valid, test; default 0.9, 0.05, 0.05).
-    Every file is written atomically; meta.json (sizes, sha256, split rule) is written last.
-    Returns the meta dict. Raises UserInputError for a missing, empty or too small source.
+    Every file is written atomically; meta.json (sizes, sha256, split rule) is written last. One
+    prepare per out_dir at a time (a :class:`~._io.FolderLock`); temporary files that a killed
+    prepare left there are removed first.
+    Returns the meta dict. Raises UserInputError for a missing, empty or too small source, or an
+    out_dir that another prepare is writing.
     """
+    started = time.time()
     src = _open_source(source)
     enwik8 = src.is_enwik8
     sizes = split_sizes(src.size, fractions, enwik8)
@@ -143,7 +148,12 @@ def prepare(source, out_dir, fractions: Optional[tuple] = None) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out_dir, argument="output", command="sharnn prepare"):
+        remove_stale_temporaries(out_dir, [f"{name}.bin" for name in SPLITS] + [META_NAME], before=started)
+        return _write_splits(source, src, sizes, out_dir, enwik8, fractions)
 
+
+def _write_splits(source, src, sizes, out_dir: Path, enwik8: bool, fractions) -> dict:
     files, chunks, pending = {}, src.chunks(), b""
     for name, size in zip(SPLITS, sizes):
         digest, left = hashlib.sha256(), size

@@ -68,6 +68,8 @@ def test_a_new_run_into_a_folder_that_holds_a_run_is_refused_unless_overwrite(tm
     assert "--overwrite: deleted the previous run's last.pt, best.pt, metrics.jsonl" in replaced.stdout
     assert step_of(run / "best.pt") == step_of(run / "last.pt") == 4
     assert [e["step"] for e in events(run) if e["split"] == "train"] == [1, 2, 3, 4]  # the new run's alone
+    help_text = " ".join(run_sharnn("train", "--help").stdout.split())
+    assert "--overwrite let a new run replace the run in --save" in help_text
 
 
 def test_one_run_per_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path, corpus_file):
@@ -240,3 +242,39 @@ def test_the_autotune_cache_and_the_embedded_corpus_get_the_umasks_mode(tmp_path
         os.umask(old)
     assert oct(autotuning.cache_path().stat().st_mode & 0o777) == oct(0o666 & ~umask)
     assert oct(corpus.stat().st_mode & 0o777) == oct(0o666 & ~umask)
+
+
+def test_prepare_removes_the_temporary_files_a_killed_prepare_left(tmp_path, corpus_file):
+    """The same kind in `sharnn prepare`: a killed prepare leaves .train.bin.XXXXXXXX.tmp (up to 90 MB
+    for enwik8). Before: never removed. Now the next prepare into the folder removes them."""
+    out = tmp_path / "data"
+    out.mkdir()
+    stale = out / ".train.bin.a1b2c3d4.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    other = out / "notes.txt"
+    other.write_text("mine")
+    prepared = run_sharnn("prepare", corpus_file, out)
+    assert prepared.returncode == 0, prepared.stderr
+    assert not stale.exists() and other.read_text() == "mine"
+    assert {p.name for p in out.iterdir()} == {"train.bin", "valid.bin", "test.bin", "meta.json", "notes.txt",
+                                               ".sharnn.lock"}
+
+
+def test_under_torchrun_a_refused_folder_stops_every_rank_with_one_line(tmp_path, corpus_file):
+    """Rank 0 alone holds the lock and reads the folder; every rank acts on its answer, so a refusal
+    never leaves the other ranks waiting in a collective."""
+    run = tmp_path / "run"
+    assert run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "2", "--save", run).returncode == 0
+    started = time.monotonic()
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sharnn_fast", "train", *map(str, SMALL), "--data", str(corpus_file),
+                          "--max-steps", "2", "--save", str(run)],
+                         capture_output=True, text=True, timeout=120, env=sharnn_env(), cwd=ROOT)
+    assert ddp.returncode != 0 and time.monotonic() - started < 100
+    assert ddp.stderr.count(f"sharnn train: error: --save {run} already holds a run") == 2, ddp.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "sharnn_fast", "train", "--resume", str(run / "last.pt"), "--max-steps", "3",
+                              "--batch_size", "2"],
+                             capture_output=True, text=True, timeout=120, env=sharnn_env(), cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("sharnn train: finished after 3 steps") == 1
