@@ -70,7 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--save", default=None, metavar="DIR", help="where last.pt, best.pt and metrics.jsonl go "
                      "(default: the resumed checkpoint's folder, else sharnn-runs/PRESET-TIME). One run per folder: "
                      "a folder in use by a running `sharnn train` is refused (naming its pid), and so is a folder "
-                     "that holds another run, unless --overwrite")
+                     "that holds another run, unless --overwrite. Temporary files that killed writes left there "
+                     "are removed at the start")
     run.add_argument("--overwrite", action="store_true", help="let a new run replace the run in --save (its "
                      "last.pt, best.pt and metrics.jsonl are deleted first)")
     run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint. "
