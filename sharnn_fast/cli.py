@@ -75,9 +75,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true", help="let a new run replace the run in --save (its "
                      "last.pt, best.pt and metrics.jsonl are deleted first)")
     run.add_argument("--resume", default=None, metavar="CKPT", help="continue a run exactly from its checkpoint. "
-                     "Into its own folder it continues that run: from a checkpoint earlier than last.pt (e.g. best.pt), "
-                     "the later last.pt and the metrics after its step are moved to DIR/replaced-after-step-S-TIME/ "
-                     "(a note says so). Into another --save folder it starts a new history there (its best.pt is "
+                     "Into its own folder it continues that run: from a checkpoint earlier than last.pt (e.g. "
+                     "best.pt), the later last.pt and the metrics after its step are moved to "
+                     "DIR/replaced-after-step-S-TIME/ (a note says so). Into another --save folder it starts a new history there (its best.pt is "
                      "the best of its own evaluations). A complete run is left as it is (exit 0)")
     run.add_argument("--seed", type=int, default=S, help="random seed of the weights, dropout and lengths "
                      "(default: the preset's, 5512 as published). With --resume: dropout and lengths start "
@@ -215,7 +215,8 @@ def _train(args) -> int:
         overrides["when"] = tuple(overrides["when"])
     if "data" in overrides:
         overrides["data"] = str(Path(overrides["data"]).resolve())
-    summary = train(args.preset, overrides, save_dir=args.save, resume_path=args.resume, overwrite=args.overwrite)
+    summary = train(args.preset, overrides, save_dir=args.save, resume_path=args.resume,
+                    overwrite=args.overwrite)
     return summary["exit_code"]
 
 

@@ -259,7 +259,8 @@ class Trainer:
         last_valid = {k: self.last_valid[k] for k in ("step", "loss", "bpc")} if self.last_valid else None
         progress = dict(step=self.step, epoch=self.epoch, position=self.position, tokens=self.tokens,
                         elapsed_s=self.elapsed(), best_valid_bpc=self.best_valid_bpc, best_step=self.best_step,
-                        last_valid=last_valid, lr=self.lr, world_size=self.ctx.world_size, global_batch=self.global_batch)
+                        last_valid=last_valid, lr=self.lr, world_size=self.ctx.world_size,
+                        global_batch=self.global_batch)
         return dict(config=self.config.to_dict(), model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -641,19 +642,20 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
         # Rank 0 alone reads and changes the folder; every rank then acts on what it decided.
         plan = None
         if ctx.is_main:
-            p = resume["progress"] if resume is not None else None
-            complete = complete_run_message(resume_path, p, run_finished(config, p["step"], p["epoch"])) \
-                if resume is not None else None
             try:
+                p = resume["progress"] if resume is not None else None
+                complete = complete_run_message(resume_path, p, run_finished(config, p["step"], p["epoch"])) \
+                    if resume is not None else None
                 if complete is None:
                     folder = RunFolder(save_dir, resume=resume, resume_path=resume_path, overwrite=overwrite).open()
                 plan = dict(complete=complete, notes=folder.notes if folder else [],
                             same_folder=folder.same_folder if folder else True)
-            except UserInputError as err:
-                plan = dict(error=str(err))
+            except Exception as err:  # every rank stops with it, rather than wait for rank 0 in a collective
+                distributed.broadcast_object(dict(error=str(err), user=isinstance(err, UserInputError)), ctx)
+                raise
         plan = distributed.broadcast_object(plan, ctx)
         if "error" in plan:
-            raise UserInputError(plan["error"])
+            raise (UserInputError if plan["user"] else RuntimeError)(plan["error"])
         if plan["complete"] is not None:
             if ctx.is_main:
                 print(plan["complete"], flush=True)
