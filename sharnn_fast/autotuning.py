@@ -47,6 +47,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from . import _env
+
 log = logging.getLogger("sharnn_fast.autotune")
 
 ENV_SWITCH = "SHARNN_FAST_AUTOTUNE"
@@ -80,10 +82,7 @@ def autotune(enabled: Optional[bool] = True) -> None:
 def enabled() -> bool:
     if _enabled is not None:
         return _enabled
-    value = os.environ.get(ENV_SWITCH, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"environment variable {ENV_SWITCH} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _env.choice(ENV_SWITCH) == "1"  # ValueError for anything but 0, 1 or unset
 
 
 def may_tune_now(device: torch.device) -> bool:

@@ -246,7 +246,7 @@ def _generate(args) -> int:
         raise UserInputError(f"--greedy takes the most likely byte every time; {', '.join(sampling)} "
                              "would have no effect: drop one or the other")
     if args.prompt is not None:
-        prompt = args.prompt.encode("utf-8")
+        prompt = _prompt_bytes(args.prompt)
     else:
         try:
             prompt = Path(args.prompt_file).read_bytes()
@@ -261,6 +261,20 @@ def _generate(args) -> int:
         raise UserInputError(str(err)) from None
     print()
     return 0
+
+
+def _prompt_bytes(text: str) -> bytes:
+    """The bytes of --prompt as the user typed them. On POSIX the command line is bytes, which
+    Python decodes with surrogate escapes for what is not valid in the locale's encoding (e.g. a
+    lone 0xff): os.fsencode gives those bytes back, as --prompt-file would read them. Elsewhere
+    the command line is text: UTF-8."""
+    from .training.errors import UserInputError
+
+    try:
+        return os.fsencode(text) if os.name == "posix" else text.encode("utf-8")
+    except UnicodeError as err:
+        raise UserInputError(f"--prompt: cannot encode it as bytes ({err.reason}); put the bytes in a "
+                             f"file and pass --prompt-file") from None
 
 
 def _plot(args) -> int:
@@ -282,6 +296,7 @@ def main(argv=None) -> int:
     from .training.loop import TrainingDiverged
 
     try:
+        _check_environment()
         return COMMANDS[args.command](args)
     except (UserInputError, BackendUnavailableError) as err:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
@@ -298,6 +313,18 @@ def main(argv=None) -> int:
         print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)} (set SHARNN_DEBUG=1 for "
               f"the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def _check_environment() -> None:
+    """Every SHARNN_FAST_* switch (and torchrun's variables) checked before anything starts: a bad
+    value is bad input, named in one line, not an error found in the middle of a run."""
+    from . import _env
+    from .training.errors import UserInputError
+
+    try:
+        _env.check()
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
 
 
 def _one_line(err: BaseException) -> str:

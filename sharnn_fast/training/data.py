@@ -269,6 +269,27 @@ def _split_file(path: Path, fractions, description: str) -> Corpus:
                   dict.fromkeys(SPLITS, watch))
 
 
+def _check_meta_entry(meta_path: Path, name: str, entry) -> None:
+    """Raise UserInputError unless ``entry`` (meta.json's splits[name]) has the fields `sharnn
+    prepare` writes: "file" a file name, "bytes" an integer >= 0, "sha256" 64 hex digits (or null)."""
+    def bad(field: str, expected: str):
+        got = entry.get(field) if isinstance(entry, dict) else entry
+        return UserInputError(f"{meta_path}: splits.{name}.{field} must be {expected}, got {json.dumps(got)}: "
+                              f"prepare the folder again")
+    if not isinstance(entry, dict):
+        raise bad("file", "an object with file, bytes and sha256")
+    file = entry.get("file")
+    if not isinstance(file, str) or not file or Path(file).name != file:
+        raise bad("file", "the name of a file in the folder")
+    size = entry.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise bad("bytes", "an integer >= 0")
+    digest = entry.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise bad("sha256", "64 hexadecimal digits")
+
+
 def _load_prepared(folder: Path) -> Corpus:
     meta_path = folder / META_NAME
     if not meta_path.is_file():
@@ -277,8 +298,10 @@ def _load_prepared(folder: Path) -> Corpus:
     try:
         meta = json.loads(meta_path.read_text())
         entries = {name: meta["splits"][name] for name in SPLITS}
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{meta_path} is not a meta.json written by `sharnn prepare` ({err})") from None
+    for name, entry in entries.items():
+        _check_meta_entry(meta_path, name, entry)
     splits, digests, watches = {}, {}, {}
     for name, entry in entries.items():
         file = folder / entry["file"]
