@@ -214,6 +214,9 @@ def _prepare(args) -> int:
     from .training.data import parse_split, prepare
 
     meta = prepare(args.source, args.out_dir, parse_split(args.split) if args.split else None)
+    print(f"read {len(meta['files'])} file{'s' if len(meta['files']) != 1 else ''}, {meta['source_bytes']:,} bytes")
+    for skipped in meta["skipped"]:
+        print(f"skipped {skipped['path']}: {skipped['reason']}")
     for name, entry in meta["splits"].items():
         print(f"{name:5s} {entry['bytes']:>12,} bytes  {Path(args.out_dir) / entry['file']}  sha256 {entry['sha256'][:16]}...")
     print(f"split: {meta['split_rule']}\nwrote {Path(args.out_dir) / 'meta.json'}")
@@ -307,6 +310,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader stopped reading (`sharnn generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + 13  # as if killed by SIGPIPE, what a shell reports for `cat file | head`
     except Exception as err:  # a bug: still one line, the traceback on request
         if os.environ.get("SHARNN_DEBUG"):
             raise

@@ -123,3 +123,25 @@ def test_a_prompt_that_is_not_utf8_is_taken_as_the_bytes_given(checkpoint):
     prompt = torch.tensor(list(b"def \xff")).unsqueeze(1)
     expected = bytes(model.generate(prompt, 12, do_sample=False)[5:, 0].tolist())
     assert result.stdout == (expected.decode("utf-8", errors="replace") + "\n").encode()
+
+
+def test_a_reader_that_stops_reading_ends_generate_quietly(checkpoint):
+    """`sharnn generate ... | head -c 20`: once head exits, writing stdout fails with a broken pipe.
+    Before, that was "internal error: BrokenPipeError ... please report it"; now the command stops
+    quietly with 141 (128 + SIGPIPE, what a shell reports for a writer its reader left)."""
+    import subprocess
+    import sys
+
+    from training_helpers import ROOT, sharnn_env
+
+    process = subprocess.Popen([sys.executable, "-m", "sharnn_fast", "generate", "--checkpoint", str(checkpoint),
+                                "--prompt", "The ", "--max-new-tokens", "100000"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=sharnn_env(), cwd=ROOT)
+    try:
+        assert len(process.stdout.read(20)) == 20
+        process.stdout.close()  # as head does when it has its 20 bytes
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 141, stderr
+    finally:
+        process.kill()
+    assert stderr == ""
