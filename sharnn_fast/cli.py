@@ -185,9 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16/fp16: autocast (default fp32)")
     _add_inference_backend(p)
 
-    p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)")
+    p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)",
+                            description="Draw bits per byte against step for the train, valid and test "
+                            "events of a run's metrics.jsonl (written by `sharnn train` in its --save folder) "
+                            "into a PNG image, RUN_DIR/curves.png unless --out says otherwise; the format "
+                            "follows --out's extension (png, pdf, svg, ...). Needs matplotlib: pip install "
+                            "matplotlib (or, in a checkout of sharnn_fast, pip install '.[plot]').")
     p.add_argument("run_dir", help="a --save folder holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="image path (default RUN_DIR/curves.png)")
+    p.add_argument("--out", default=None, metavar="IMAGE", help="image path (default RUN_DIR/curves.png)")
     return parser
 
 

@@ -11,6 +11,9 @@ from ._io import atomic_open
 from .errors import UserInputError
 
 METRICS_NAME = "metrics.jsonl"
+# sharnn_fast is installed from a checkout, not from an index: "sharnn-fast[plot]" would name a
+# package that no index holds.
+PLOT_INSTALL_HINT = "pip install matplotlib (or, in a checkout of sharnn_fast, pip install '.[plot]')"
 LN2 = math.log(2)
 
 
@@ -141,7 +144,8 @@ def plot_metrics(folder, out=None) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserInputError("sharnn plot needs matplotlib: pip install 'sharnn-fast[plot]'") from None
+        raise UserInputError(f"sharnn plot needs matplotlib, which this Python ({sys.executable}) lacks: "
+                             f"{PLOT_INSTALL_HINT}") from None
     folder = Path(folder)
     out = Path(out) if out else (folder if folder.is_dir() else folder.parent) / "curves.png"
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -53,7 +53,7 @@ def test_prepare_train_eval_plot(tmp_path, corpus_file, capsys):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert_one_line_error(plotted, "pip install 'sharnn-fast[plot]'")
+        assert_one_line_error(plotted, "pip install matplotlib", "pip install '.[plot]'")
     else:
         assert plotted.returncode == 0, plotted.stderr
         assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -212,3 +212,23 @@ def test_a_checkpoint_that_does_not_fit_its_run_gets_one_line(tmp_path, corpus_f
                           "moment.pt: its optimizer state does not fit", "exp_avg of a parameter of shape")
     assert_one_line_error(run_main(capsys, "eval", "--checkpoint", tmp_path / "narrow.pt"),
                           "size mismatch for encoder.weight")
+
+
+# --- issue 21, item 12: messages and help -----------------------------------------------------------
+
+def test_plot_without_matplotlib_gives_an_install_command_that_works_from_a_checkout(tmp_path):
+    """The hint named 'sharnn-fast[plot]', a package on no index; now `pip install matplotlib`, or
+    '.[plot]' in a checkout."""
+    hidden = tmp_path / "hide"
+    (hidden / "matplotlib").mkdir(parents=True)
+    (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=1, split="train", bpc=8.0)) + "\n")
+    result = run_sharnn("plot", tmp_path, env=sharnn_env(PYTHONPATH=str(hidden)))
+    assert_one_line_error(result, "needs matplotlib", "pip install matplotlib", "in a checkout of sharnn_fast, "
+                          "pip install '.[plot]'")
+    assert "sharnn-fast[plot]" not in result.stderr
+
+
+def test_plot_help_describes_the_command():
+    text = " ".join(run_sharnn("plot", "--help").stdout.split())
+    assert "Draw bits per byte against step" in text and "metrics.jsonl" in text and "curves.png" in text
