@@ -47,6 +47,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -296,16 +297,13 @@ def _save_entry(key: str, entry: dict) -> None:
     read the file again, add the entry, write it atomically. Other processes' entries join this
     process's in memory too. A cache that cannot be written is warned about once per process."""
     global _warned_write
-    from .training._io import atomic_open
-
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             entries = _read_entries(path, warn=False)
             entries[key] = entry
-            with atomic_open(path, "w") as out:
-                json.dump(dict(format=FORMAT, version=VERSION, entries=entries), out, indent=1, sort_keys=True)
+            _write_atomically(path, dict(format=FORMAT, version=VERSION, entries=entries))
     except OSError as err:
         if not _warned_write:
             log.warning("could not write the autotune cache %s: %s (choices are kept for this process only)",
@@ -314,6 +312,25 @@ def _save_entry(key: str, entry: dict) -> None:
         return
     for other, value in entries.items():
         _load_disk().setdefault(other, value)
+
+
+def _write_atomically(path: Path, data: dict) -> None:
+    """JSON to a temporary file beside ``path``, flushed to disk, then renamed over it: a reader
+    sees the old file or the new one, never a part."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", suffix=".tmp",
+                                     delete=False) as tmp:
+        try:
+            json.dump(data, tmp, indent=1, sort_keys=True)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    try:
+        os.replace(tmp.name, path)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
 
 
 def clear_autotune_cache() -> None:
