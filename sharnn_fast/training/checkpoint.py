@@ -137,6 +137,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     missing = [k for k in ("config", "model", "optimizer", "progress", "rng") if k not in payload]
     if missing:
         raise UserInputError(f"{path} is an incomplete checkpoint: no {', '.join(missing)}")
+    wrong = [k for k in ("config", "model", "optimizer", "progress", "rng") if not isinstance(payload[k], dict)]
+    if wrong or not isinstance(payload["progress"].get("step"), int):
+        what = f"its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not a dict" if wrong else \
+            "its progress has no step count"
+        raise UserInputError(f"{path} is a malformed checkpoint: {what}")
     saved = payload.get("checksum")
     if saved is not None and (not isinstance(saved, dict) or saved.get("sha256") != content_digest(payload)):
         raise UserInputError(f"{path} is corrupt: its content does not match the checksum saved with it "

@@ -190,7 +190,10 @@ def prepare(source, out_dir, fractions: Optional[tuple] = None) -> dict:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a path through a file, a read-only file system, /proc
+        raise UserInputError(f"output {out_dir}: cannot create it ({err.strerror or err})") from None
 
     files, chunks, pending = {}, src.chunks(), b""
     for name, size in zip(SPLITS, sizes):

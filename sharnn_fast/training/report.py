@@ -120,13 +120,18 @@ def read_metrics(folder) -> list[dict]:
     path = path / METRICS_NAME if path.is_dir() else path
     if not path.is_file():
         raise UserInputError(f"{path} does not exist: give the --save folder of a `sharnn train` run")
+    try:
+        text = path.read_text(errors="replace")  # a file that is not text holds no valid line
+    except OSError as err:
+        raise UserInputError(f"cannot read {path} ({err.strerror or err})") from None
     events = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue  # a line cut short by a crash
-        if isinstance(event, dict) and {"step", "split", "bpc"} <= event.keys():
+        if (isinstance(event, dict) and {"step", "split", "bpc"} <= event.keys()
+                and isinstance(event["step"], (int, float)) and isinstance(event["bpc"], (int, float, type(None)))):
             events.append(event)
     if not events:
         raise UserInputError(f"{path} holds no metrics events")

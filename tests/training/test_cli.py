@@ -200,8 +200,14 @@ def test_a_checkpoint_that_does_not_fit_its_run_gets_one_line(tmp_path, corpus_f
         state = payload["optimizer"]["state"]
         state[next(iter(state))]["exp_avg"] = torch.zeros(3)
 
-    for name, edit in (("narrow", narrow_weight), ("sgd", sgd_config), ("moment", short_moment)):
+    def no_step(payload):
+        del payload["progress"]["step"]
+
+    for name, edit in (("narrow", narrow_weight), ("sgd", sgd_config), ("moment", short_moment),
+                       ("nostep", no_step)):
         rewrite_checkpoint(last, tmp_path / f"{name}.pt", edit)
+    assert_one_line_error(run_sharnn("eval", "--checkpoint", tmp_path / "nostep.pt"),  # was KeyError: 'step'
+                          "nostep.pt is a malformed checkpoint: its progress has no step count")
     assert_one_line_error(run_sharnn("train", "--resume", last, "--optimizer", "sgd", "--save", tmp_path / "r0"),
                           "trained with --optimizer lamb", "cannot continue as --optimizer sgd")
     assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "narrow.pt", "--save", tmp_path / "r1"),
@@ -232,3 +238,17 @@ def test_plot_without_matplotlib_gives_an_install_command_that_works_from_a_chec
 def test_plot_help_describes_the_command():
     text = " ".join(run_sharnn("plot", "--help").stdout.split())
     assert "Draw bits per byte against step" in text and "metrics.jsonl" in text and "curves.png" in text
+
+
+def test_more_bad_input_that_was_an_internal_error_gets_one_line(tmp_path, corpus_file):
+    """Found looking for the rest of issue 21, item 7's kind: each was "internal error" (exit 1)."""
+    (tmp_path / "binary.pt").write_bytes(bytes(range(256)) * 4)
+    cases = [
+        (["plot", tmp_path / "binary.pt"], ["binary.pt holds no metrics events"]),  # UnicodeDecodeError
+        (["prepare", corpus_file, "/proc/sharnn-test/out"], ["output /proc/sharnn-test/out: cannot create it"]),
+        (["prepare", corpus_file, corpus_file / "out"], ["cannot create it (Not a directory)"]),
+        (["train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--when", "-1", "--save", tmp_path / "r"],
+         ["--when takes epochs counted from 1"]),  # accepted before: the lr divided by 10 from the start
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_sharnn(*args), *fragments)
