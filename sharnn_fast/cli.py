@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or size) gets the paper's split: first 90M bytes train, next 5M valid, last "
                             "5M test. Nothing is downloaded: enwik8.zip is at "
                             "http://mattmahoney.net/dc/enwik8.zip")
-    p.add_argument("source", help="enwik8, enwik8.zip, any text file, or a folder of text files")
+    p.add_argument("source", help="enwik8, enwik8.zip, any text file, or a folder of text files (read in "
+                   "sorted path order, hidden files left out; symbolic links followed, each file read once; "
+                   "meta.json lists the files read and those skipped)")
     p.add_argument("out_dir", help="output folder")
     p.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",
                    help="fractions for sources other than enwik8 (default 0.9,0.05,0.05)")
