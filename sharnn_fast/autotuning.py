@@ -15,7 +15,13 @@ could change the answer) does this, on copies of the call's inputs:
 The choice is kept in memory and in a JSON file in the user's cache directory
 (``$SHARNN_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharnn_fast`` or ``~/.cache/sharnn_fast`` on
 Linux, ``~/Library/Caches/sharnn_fast`` on macOS, ``%LOCALAPPDATA%\\sharnn_fast`` on Windows),
-written atomically. An unreadable or foreign file is ignored with one warning and rewritten.
+shared by every process of the user: each new entry is merged into the file under a lock
+(``fcntl.flock`` on ``autotune.json.lock`` beside it: read again, add, write atomically), so
+processes tuning at the same time lose none of each other's entries. An unreadable or foreign file
+is ignored with one warning and rewritten. Every entry carries the proof of its check (the backend
+it was checked against, the errors measured and a digest over its fields, :func:`entry_digest`);
+an entry that is malformed, lacks that proof or was edited is ignored (one warning naming the file
+and the entry), and measured and checked again.
 
 Tuning never changes the caller's results: it works on detached clones, restores the CPU and CUDA
 random number generators afterwards, and leaves the caller's autograd graph alone. It never runs
@@ -32,6 +38,8 @@ paper's size (``benchmarks/bench_autotune.py``).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +54,13 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
+
+from . import _env
+
+try:
+    import fcntl
+except ImportError:  # Windows: the cache file is written without a lock
+    fcntl = None
 
 log = logging.getLogger("sharnn_fast.autotune")
 
@@ -65,7 +80,8 @@ _enabled: Optional[bool] = None
 _tuning_seconds = 0.0  # wall time spent in tune() by this process
 _choices: dict[tuple, tuple[dict, str]] = {}  # (op, device, dtype, bucket, ...) -> (entry, where)
 _disk: Optional[dict] = None  # the cache file's entries, loaded once
-_warned_cache = False
+_warned_cache = False  # the cache file (or entries of it) was ignored, and said so
+_warned_write = False  # the cache file could not be written, and said so
 
 
 def autotune(enabled: Optional[bool] = True) -> None:
@@ -80,10 +96,7 @@ def autotune(enabled: Optional[bool] = True) -> None:
 def enabled() -> bool:
     if _enabled is not None:
         return _enabled
-    value = os.environ.get(ENV_SWITCH, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"environment variable {ENV_SWITCH} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _env.choice(ENV_SWITCH) == "1"  # ValueError for anything but 0, 1 or unset
 
 
 def may_tune_now(device: torch.device) -> bool:
@@ -170,46 +183,157 @@ def cache_path() -> Path:
 
 
 def _load_disk() -> dict:
-    global _disk, _warned_cache
-    if _disk is not None:
-        return _disk
-    path = cache_path()
-    _disk = {}
-    if not path.exists():
-        return _disk
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ValueError(f"not a version-{VERSION} {FORMAT} file")
-        entries = data["entries"]
-        if not isinstance(entries, dict) or not all(
-                isinstance(v, dict) and isinstance(v.get("backend"), str) for v in entries.values()):
-            raise ValueError("malformed entries")
-        _disk = entries
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        if not _warned_cache:
-            warnings.warn(f"ignoring the autotune cache {path} ({err}); it will be rewritten",
-                          stacklevel=4)
-            _warned_cache = True
+    """The cache file's valid entries (read once per process; see :func:`_read_entries`)."""
+    global _disk
+    if _disk is None:
+        _disk = _read_entries(cache_path(), warn=True)
     return _disk
 
 
-def _save_disk() -> None:
+def _read_entries(path: Path, warn: bool) -> dict:
+    """{tuning key: entry} of the cache file at ``path``: {} when it is missing. An unreadable or
+    foreign file gives {}, and entries that fail :func:`entry_problem` are left out; with ``warn``,
+    one warning (once per process) names the file and what was ignored."""
+    global _warned_cache
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(f"not a version-{VERSION} {FORMAT} file")
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            raise ValueError("its entries are not an object")
+    except (OSError, ValueError) as err:
+        if warn and not _warned_cache:
+            warnings.warn(f"ignoring the autotune cache {path} ({err}); it will be rewritten", stacklevel=5)
+            _warned_cache = True
+        return {}
+    valid, dropped = {}, []
+    for key, entry in entries.items():
+        problem = entry_problem(key, entry)
+        if problem is None:
+            valid[key] = entry
+        else:
+            dropped.append(f"{_entry_name(key)}: {problem}")
+    if dropped and warn and not _warned_cache:
+        warnings.warn(f"ignoring {len(dropped)} entr{'y' if len(dropped) == 1 else 'ies'} of the autotune cache "
+                      f"{path} ({'; '.join(dropped)}): measured and checked again when met", stacklevel=5)
+        _warned_cache = True
+    return valid
+
+
+def entry_digest(key: str, entry: dict) -> str:
+    """sha256 (hex) over a cache entry's tuning key and fields (``digest`` left out), as canonical
+    JSON. It is the entry's proof that it is the result of :func:`tune`: the chosen backend was
+    checked against ``checked_against`` (its relative errors in ``errors``) and timed. An entry
+    edited by hand (another backend, times or errors) no longer matches and is measured again.
+    It guards against edits and damage, not against someone who recomputes it on purpose."""
+    fields = {k: v for k, v in entry.items() if k != "digest"}
+    text = json.dumps(dict(key=key, entry=fields), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def entry_problem(key, entry) -> Optional[str]:
+    """Why a cache entry cannot be used, or None. An entry (written by :func:`tune`) holds
+    ``backend`` (the choice), ``times_ms`` {backend: median ms}, ``excluded`` {backend: why},
+    ``checked_against`` (the backend the others were checked against: "torch", else
+    "reference"), ``errors`` {timed backend: relative error against it}, and ``digest``
+    (:func:`entry_digest`). The choice must have been timed and checked within :data:`TOLERANCE`
+    for the key's dtype, and the digest must match."""
+    try:
+        dtype = getattr(torch, json.loads(key)["dtype"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "its key is not a tuning key"
+    if not isinstance(entry, dict):
+        return "not an object"
+    backend, times, errors = entry.get("backend"), entry.get("times_ms"), entry.get("errors")
+    if not isinstance(backend, str):
+        return "no backend"
+    if not isinstance(times, dict) or not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0
+                                               for t in times.values()):
+        return "no times_ms" if times is None else "times_ms is not {backend: milliseconds}"
+    if backend not in times:
+        return f"its backend {backend!r} was not timed"
+    if not isinstance(entry.get("excluded"), dict) or not all(isinstance(v, str) for v in entry["excluded"].values()):
+        return "no excluded backends (an object of reasons)"
+    if entry.get("checked_against") not in CHECK_BACKENDS or not isinstance(errors, dict) \
+            or not isinstance(entry.get("digest"), str):
+        return "no record of its check against torch (written by an older sharnn_fast, or by hand)"
+    error = errors.get(backend)
+    if not isinstance(error, (int, float)) or not error <= TOLERANCE.get(dtype, 3e-3):
+        return f"its backend {backend!r} has no passing check against {entry['checked_against']}"
+    if entry["digest"] != entry_digest(key, entry):
+        return "its digest does not match its fields (edited after it was measured)"
+    return None
+
+
+def _entry_name(key: str) -> str:
+    """'boom float32 bucket [128, 16, 48, true] training' for a tuning key (the key itself if it is
+    not one)."""
+    try:
+        k = json.loads(key)
+        return (f"{k['op']} {k['dtype']} bucket {json.dumps(k['bucket'])}{' dropout' if k['dropout'] else ''}"
+                f" {'training' if k['backward'] else 'inference'}")
+    except (ValueError, KeyError, TypeError):
+        return repr(key[:80])
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``.lock (fcntl.flock, released by closing, so a process that dies
+    never leaves it held). Without fcntl (Windows) nothing is locked."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _save_entry(key: str, entry: dict) -> None:
+    """Add one entry to the cache file, merged with what other processes wrote: under the lock,
+    read the file again, add the entry, write it atomically. Other processes' entries join this
+    process's in memory too. A cache that cannot be written is warned about once per process."""
+    global _warned_write
     path = cache_path()
-    data = dict(format=FORMAT, version=VERSION, entries=_load_disk())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", suffix=".tmp",
-                                         delete=False) as tmp:
+        with _locked(path):
+            entries = _read_entries(path, warn=False)
+            entries[key] = entry
+            _write_atomically(path, dict(format=FORMAT, version=VERSION, entries=entries))
+    except OSError as err:
+        if not _warned_write:
+            log.warning("could not write the autotune cache %s: %s (choices are kept for this process only)",
+                        path, err)
+            _warned_write = True
+        return
+    for other, value in entries.items():
+        _load_disk().setdefault(other, value)
+
+
+def _write_atomically(path: Path, data: dict) -> None:
+    """JSON to a temporary file beside ``path``, flushed to disk, then renamed over it: a reader
+    sees the old file or the new one, never a part."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", suffix=".tmp",
+                                     delete=False) as tmp:
+        try:
             from .training._io import new_file_mode  # here: training imports this module
 
             os.chmod(tmp.name, new_file_mode(path))  # NamedTemporaryFile's 0600 would ignore the umask
             json.dump(data, tmp, indent=1, sort_keys=True)
             tmp.flush()
             os.fsync(tmp.fileno())
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    try:
         os.replace(tmp.name, path)
-    except OSError as err:
-        log.warning("could not write the autotune cache %s: %s", path, err)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
 
 
 def clear_autotune_cache() -> None:
@@ -217,10 +341,14 @@ def clear_autotune_cache() -> None:
     global _disk
     _choices.clear()
     _disk = {}
-    try:
-        cache_path().unlink()
-    except FileNotFoundError:
-        pass
+    path = cache_path()
+    if not path.parent.is_dir():
+        return
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):  # a folder where no lock file can be made: unlink unlocked
+            stack.enter_context(_locked(path))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +403,7 @@ def _tune(op: str, key: str, implementations: Mapping, device: torch.device, arg
             else:
                 excluded[name] = f"cannot run: {reason}"
         check_name = next((n for n in CHECK_BACKENDS if n in runnable), None)
-        times = {}
+        times, errors = {}, ({check_name: 0.0} if check_name else {})
         if check_name is not None:
             check_args = deterministic(args)
             expected = _outputs_and_grads(runnable[check_name], check_args, backward)
@@ -290,6 +418,7 @@ def _tune(op: str, key: str, implementations: Mapping, device: torch.device, arg
                     if not error <= bound:
                         excluded[name] = f"disagrees with {check_name}: relative error {error:.3g} > {bound:.3g}"
                         continue
+                    errors[name] = float(error)
                 times[name] = _median_ms(impl, args, backward, device)
     for name, why in excluded.items():
         if why.startswith(("disagrees", "raised")):
@@ -297,9 +426,11 @@ def _tune(op: str, key: str, implementations: Mapping, device: torch.device, arg
     if not times:
         raise RuntimeError(f"autotune found no backend that can run {op} correctly here: {excluded}")
     best = min(times, key=times.get)
-    entry = dict(backend=best, times_ms={n: round(t, 4) for n, t in times.items()}, excluded=excluded)
+    entry = dict(backend=best, times_ms={n: round(t, 4) for n, t in times.items()}, excluded=excluded,
+                 checked_against=check_name, errors=errors)
+    entry["digest"] = entry_digest(key, entry)
     _load_disk()[key] = entry
-    _save_disk()
+    _save_entry(key, entry)
     log.info("autotune %s: %s (%s)", op, best, entry)
     return entry
 

@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or size) gets the paper's split: first 90M bytes train, next 5M valid, last "
                             "5M test. Nothing is downloaded: enwik8.zip is at "
                             "http://mattmahoney.net/dc/enwik8.zip")
-    p.add_argument("source", help="enwik8, enwik8.zip, any text file, or a folder of text files")
+    p.add_argument("source", help="enwik8, enwik8.zip, any text file, or a folder of text files (read in "
+                   "sorted path order, hidden files left out; symbolic links followed, each file read once; "
+                   "meta.json lists the files read and those skipped)")
     p.add_argument("out_dir", help="output folder")
     p.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",
                    help="fractions for sources other than enwik8 (default 0.9,0.05,0.05)")
@@ -194,9 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16/fp16: autocast (default fp32)")
     _add_inference_backend(p)
 
-    p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)")
+    p = commands.add_parser("plot", help="draw the bpc curves of a run (needs matplotlib: the plot extra)",
+                            description="Draw bits per byte against step for the train, valid and test "
+                            "events of a run's metrics.jsonl (written by `sharnn train` in its --save folder) "
+                            "into a PNG image, RUN_DIR/curves.png unless --out says otherwise; the format "
+                            "follows --out's extension (png, pdf, svg, ...). Needs matplotlib: pip install "
+                            "matplotlib (or, in a checkout of sharnn_fast, pip install '.[plot]').")
     p.add_argument("run_dir", help="a --save folder holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="image path (default RUN_DIR/curves.png)")
+    p.add_argument("--out", default=None, metavar="IMAGE", help="image path (default RUN_DIR/curves.png)")
     return parser
 
 
@@ -224,6 +231,9 @@ def _prepare(args) -> int:
     from .training.data import parse_split, prepare
 
     meta = prepare(args.source, args.out_dir, parse_split(args.split) if args.split else None)
+    print(f"read {len(meta['files'])} file{'s' if len(meta['files']) != 1 else ''}, {meta['source_bytes']:,} bytes")
+    for skipped in meta["skipped"]:
+        print(f"skipped {skipped['path']}: {skipped['reason']}")
     for name, entry in meta["splits"].items():
         print(f"{name:5s} {entry['bytes']:>12,} bytes  {Path(args.out_dir) / entry['file']}  sha256 {entry['sha256'][:16]}...")
     print(f"split: {meta['split_rule']}\nwrote {Path(args.out_dir) / 'meta.json'}")
@@ -256,7 +266,7 @@ def _generate(args) -> int:
         raise UserInputError(f"--greedy takes the most likely byte every time; {', '.join(sampling)} "
                              "would have no effect: drop one or the other")
     if args.prompt is not None:
-        prompt = args.prompt.encode("utf-8")
+        prompt = _prompt_bytes(args.prompt)
     else:
         try:
             prompt = Path(args.prompt_file).read_bytes()
@@ -271,6 +281,20 @@ def _generate(args) -> int:
         raise UserInputError(str(err)) from None
     print()
     return 0
+
+
+def _prompt_bytes(text: str) -> bytes:
+    """The bytes of --prompt as the user typed them. On POSIX the command line is bytes, which
+    Python decodes with surrogate escapes for what is not valid in the locale's encoding (e.g. a
+    lone 0xff): os.fsencode gives those bytes back, as --prompt-file would read them. Elsewhere
+    the command line is text: UTF-8."""
+    from .training.errors import UserInputError
+
+    try:
+        return os.fsencode(text) if os.name == "posix" else text.encode("utf-8")
+    except UnicodeError as err:
+        raise UserInputError(f"--prompt: cannot encode it as bytes ({err.reason}); put the bytes in a "
+                             f"file and pass --prompt-file") from None
 
 
 def _plot(args) -> int:
@@ -292,6 +316,7 @@ def main(argv=None) -> int:
     from .training.loop import TrainingDiverged
 
     try:
+        _check_environment()
         return COMMANDS[args.command](args)
     except (UserInputError, BackendUnavailableError) as err:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
@@ -302,12 +327,27 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader stopped reading (`sharnn generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + 13  # as if killed by SIGPIPE, what a shell reports for `cat file | head`
     except Exception as err:  # a bug: still one line, the traceback on request
         if os.environ.get("SHARNN_DEBUG"):
             raise
         print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)} (set SHARNN_DEBUG=1 for "
               f"the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def _check_environment() -> None:
+    """Every SHARNN_FAST_* switch (and torchrun's variables) checked before anything starts: a bad
+    value is bad input, named in one line, not an error found in the middle of a run."""
+    from . import _env
+    from .training.errors import UserInputError
+
+    try:
+        _env.check()
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
 
 
 def _one_line(err: BaseException) -> str:

@@ -25,12 +25,13 @@ p), renormalised, all in float32.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import _env
 
 
 @dataclass
@@ -235,9 +236,7 @@ class _GraphedStep:
 
 def use_cuda_graphs(device: torch.device) -> bool:
     """``SHARNN_GENERATE_CUDA_GRAPHS``: ``auto`` (default: on CUDA), ``0`` (never) or ``1``."""
-    setting = os.environ.get("SHARNN_GENERATE_CUDA_GRAPHS", "auto").strip()
-    if setting not in ("auto", "0", "1"):
-        raise ValueError(f"SHARNN_GENERATE_CUDA_GRAPHS must be auto, 0 or 1, got {setting!r}")
+    setting = _env.choice("SHARNN_GENERATE_CUDA_GRAPHS")  # ValueError for another value
     return device.type == "cuda" and setting != "0"
 
 

@@ -164,15 +164,17 @@ def test_the_cache_survives_a_new_process_and_is_rejected_when_versions_change(t
     assert "autotuned (measured now)" in run()
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "something else"}),
-                                     json.dumps({"format": "sharnn_fast.autotune", "version": 1,
-                                                 "entries": {"k": {"no": "backend"}}})])
-def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rewritten(content):
+@pytest.mark.parametrize("content, warning", [
+    ("{not json", "ignoring the autotune cache"),
+    (json.dumps({"format": "something else"}), "ignoring the autotune cache"),
+    (json.dumps({"format": "sharnn_fast.autotune", "version": 1, "entries": {"k": {"no": "backend"}}}),
+     r"ignoring 1 entry of the autotune cache .*autotune.json \('k': its key is not a tuning key\)")])
+def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rewritten(content, warning):
     path = autotuning.cache_path()
     path.parent.mkdir(parents=True)
     path.write_text(content)
     sharnn_fast.autotune(True)
-    with pytest.warns(UserWarning, match="ignoring the autotune cache"):
+    with pytest.warns(UserWarning, match=warning):
         ops.boom(*boom_inputs())
     data = json.loads(path.read_text())
     assert data["format"] == "sharnn_fast.autotune" and len(data["entries"]) == 1
@@ -232,3 +234,112 @@ def test_a_tuned_backend_that_refuses_these_exact_sizes_falls_back(monkeypatch):
     monkeypatch.setattr(backend, "_AUTO_PREFERENCE", {"boom": {"cpu": (fallback,)}})
     ops.boom(torch.randn(100, 16), *boom_inputs()[1:])  # same bucket (128 tokens)
     assert boom_line().startswith(f"boom: {fallback} (auto on cpu, static preference")
+
+
+# --- issue 21, item 2: a cache shared by processes, entries validated and checked --------------------
+
+_TUNE_AT_ONCE = """
+import os, sys, time, torch
+from sharnn_fast import autotune, ops
+autotune(True)
+index, processes, widths = int(sys.argv[1]), int(sys.argv[2]), [int(w) for w in sys.argv[3].split(",")]
+folder = os.environ["SHARNN_FAST_CACHE_DIR"]
+open(os.path.join(folder, f"ready-{index}"), "w").close()
+while sum(name.startswith("ready-") for name in os.listdir(folder)) < processes:  # start together
+    time.sleep(0.001)
+for width in widths:  # each width is its own entry (widths are exact in the key)
+    ops.boom(torch.randn(4, width), 0.3 * torch.randn(2 * width, width), torch.zeros(2 * width), backend=None)
+"""
+
+
+def test_processes_tuning_at_once_lose_none_of_each_others_entries(tmp_path):
+    """Four processes each tune six entries of their own at the same moment: all 24 are in the
+    file. (Before, each rewrote the file from what it had loaded: most entries were lost.)"""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    env = dict(os.environ, SHARNN_FAST_CACHE_DIR=str(folder), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    processes, per_process = 4, 6
+    widths = [[8 + 2 * (i * per_process + j) for j in range(per_process)] for i in range(processes)]
+    running = [subprocess.Popen([sys.executable, "-c", _TUNE_AT_ONCE, str(i), str(processes),
+                                 ",".join(map(str, widths[i]))], env=env, stderr=subprocess.PIPE, text=True)
+               for i in range(processes)]
+    for process in running:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-2000:]
+    entries = json.loads((folder / autotuning.CACHE_FILE).read_text())["entries"]
+    tuned = sorted(json.loads(key)["bucket"][1] for key in entries)
+    assert tuned == sorted(w for ws in widths for w in ws), f"{len(entries)} of {processes * per_process} kept"
+    assert all(autotuning.entry_problem(key, entry) is None for key, entry in entries.items())
+
+
+def _edit_the_entry(edit):
+    path = autotuning.cache_path()
+    data = json.loads(path.read_text())
+    (key, entry), = data["entries"].items()
+    edit(entry)
+    path.write_text(json.dumps(data))
+    autotuning._choices.clear()  # as a new process: nothing in memory
+    autotuning._disk = None
+    return key
+
+
+def test_an_entry_without_times_is_dropped_with_one_warning_and_measured_again():
+    """Before: KeyError 'times_ms' at every call, with no word of the cache."""
+    sharnn_fast.autotune(True)
+    ops.boom(*boom_inputs())
+    _edit_the_entry(lambda entry: entry.pop("times_ms"))
+    with pytest.warns(UserWarning) as caught:
+        ops.boom(*boom_inputs())
+        ops.boom(*boom_inputs())
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert str(autotuning.cache_path()) in message
+    assert "boom float32 bucket [128, 16, 48, true] inference: no times_ms" in message
+    assert "autotuned (measured now)" in boom_line()
+    entry, = json.loads(autotuning.cache_path().read_text())["entries"].values()
+    assert "times_ms" in entry
+
+
+def test_a_hand_edited_entry_is_checked_again_not_trusted(monkeypatch):
+    """An entry edited to choose a backend that gives wrong results is not used: its digest no
+    longer matches, so the backends are checked against torch again and the wrong one excluded."""
+    def planted(x, weight, bias, dropout_p=0.0, training=False):
+        return 1.01 * boom_reference(x, weight, bias, dropout_p, training)  # 1% off
+
+    sharnn_fast.autotune(True)
+    ops.boom(*boom_inputs())
+
+    def choose_planted(entry):
+        entry["backend"] = "planted"
+        entry["times_ms"]["planted"] = 1e-4
+        entry.setdefault("errors", {})["planted"] = 0.0
+    _edit_the_entry(choose_planted)
+    monkeypatch.setitem(boom_module.IMPLEMENTATIONS, "planted", backend.Implementation(planted))
+    with pytest.warns(UserWarning) as caught:
+        y = ops.boom(*boom_inputs())
+    messages = [str(w.message) for w in caught]
+    assert any("its digest does not match its fields (edited after it was measured)" in m for m in messages)
+    assert any("autotune excluded backend 'planted' for boom: disagrees with torch" in m for m in messages)
+    assert not boom_line().startswith("boom: planted")
+    x, w, b = boom_inputs()
+    torch.testing.assert_close(ops.boom(x, w, b), boom_reference(x, w, b, 0.0, False))
+    assert torch.isfinite(y).all()
+
+
+def test_an_entry_of_an_older_version_without_its_check_is_checked_again():
+    sharnn_fast.autotune(True)
+    ops.boom(*boom_inputs())
+    _edit_the_entry(lambda entry: [entry.pop(k, None) for k in ("checked_against", "errors", "digest")])
+    with pytest.warns(UserWarning, match="no record of its check against torch"):
+        ops.boom(*boom_inputs())
+    assert "autotuned (measured now)" in boom_line()
+
+
+def test_an_unwritable_cache_is_said_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(autotuning.ENV_CACHE_DIR, str(tmp_path / "a-file" / "cache"))
+    (tmp_path / "a-file").write_text("")
+    sharnn_fast.autotune(True)
+    for width in (16, 24, 32):
+        ops.boom(torch.randn(4, width), torch.randn(2 * width, width), torch.zeros(2 * width))
+    assert len([r for r in caplog.records if "could not write the autotune cache" in r.getMessage()]) == 1

@@ -140,6 +140,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     missing = [k for k in ("config", "model", "optimizer", "progress", "rng") if k not in payload]
     if missing:
         raise UserInputError(f"{path} is an incomplete checkpoint: no {', '.join(missing)}")
+    wrong = [k for k in ("config", "model", "optimizer", "progress", "rng") if not isinstance(payload[k], dict)]
+    if wrong or not isinstance(payload["progress"].get("step"), int):
+        what = f"its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not a dict" if wrong else \
+            "its progress has no step count"
+        raise UserInputError(f"{path} is a malformed checkpoint: {what}")
     saved = payload.get("checksum")
     if saved is not None and (not isinstance(saved, dict) or saved.get("sha256") != content_digest(payload)):
         raise UserInputError(f"{path} is corrupt: its content does not match the checksum saved with it "
@@ -182,6 +187,18 @@ def check_architecture(checkpoint_config: dict, config: TrainConfig, path) -> No
                                  f"{key}={ours!r}: drop the flag or start a new run")
 
 
+def load_weights(model, state: dict, path) -> None:
+    """``model.load_state_dict(state)`` (strict), or UserInputError naming the checkpoint and the
+    first weight that is missing, unexpected or of another shape than the model's."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines[1:]), lines[0] if lines else type(err).__name__)
+        raise UserInputError(f"{path}: its weights do not fit the model its config describes "
+                             f"({detail.rstrip('.')})") from None
+
+
 def load_checkpoint(path, map_location="cpu", backend=None):
     """Load a checkpoint written by ``sharnn train`` for inference: ``(model, config)``.
 
@@ -215,11 +232,7 @@ def model_from_checkpoint(payload: dict, path, device: torch.device, backend=Non
     elif get_backend() != "auto":
         config.backend = None
     model = build_model(config)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        raise UserInputError(f"{path}: its weights do not fit the model its config describes "
-                             f"({str(err).splitlines()[0]})") from None
+    load_weights(model, payload["model"], path)
     model = model.to(device).eval()
     if backend is None and model.backend not in (None, "auto"):
         try:

@@ -140,6 +140,9 @@ def validate(config: TrainConfig) -> None:
     for name in ("lr", "wdecay", "clip"):
         if not 0.0 <= getattr(config, name) < math.inf:
             raise UserInputError(f"--{name} must be a finite number >= 0, got {getattr(config, name)}")
+    if not all(isinstance(e, int) and e >= 1 for e in config.when):
+        raise UserInputError(f"--when takes epochs counted from 1 (the lr is divided by 10 after each), got "
+                             f"{' '.join(map(str, config.when))}")
     if config.warmup < 0:
         raise UserInputError(f"--warmup must be >= 0, got {config.warmup}")
     if config.nhid % config.emsize:

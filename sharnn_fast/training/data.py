@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pkgutil
+import stat
 import sys
 import time
 import warnings
@@ -63,10 +64,21 @@ def parse_split(text: str) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class _Source:
-    """A corpus on disk: one or more byte streams read one after another."""
+    """A corpus on disk: one or more byte streams read one after another. ``skipped``: (path
+    relative to the folder, why) for the entries of a folder that are not read."""
     path: Path
     parts: tuple  # (path or (zip path, member name), size in bytes) in reading order
     size: int
+    skipped: tuple = ()
+
+    def listing(self) -> list:
+        """meta.json's "files": each part read, in reading order, as {"path", "bytes"} (relative to
+        a folder source; the member name in a zip; the file's name otherwise)."""
+        def name(part):
+            if isinstance(part, tuple):
+                return part[1]
+            return part.relative_to(self.path).as_posix() if self.path.is_dir() else part.name
+        return [dict(path=name(part), bytes=size) for part, size in self.parts]
 
     def chunks(self) -> Iterator[bytes]:
         for part, _ in self.parts:
@@ -88,10 +100,9 @@ def _open_source(path) -> _Source:
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"data path {path} does not exist")
+    skipped = ()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        parts = tuple((p, p.stat().st_size) for p in files)
+        parts, skipped = _folder_parts(path)
     elif zipfile.is_zipfile(path) and path.suffix == ".zip":
         with zipfile.ZipFile(path) as archive:
             parts = tuple(((path, info.filename), info.file_size)
@@ -102,7 +113,42 @@ def _open_source(path) -> _Source:
     size = sum(n for _, n in parts)
     if size == 0:
         raise UserInputError(f"data path {path} is empty" + (" (no files in the folder)" if not parts else ""))
-    return _Source(path, parts, size)
+    return _Source(path, parts, size, skipped)
+
+
+def _folder_parts(folder: Path) -> tuple[tuple, tuple]:
+    """The files of a folder in sorted path order, hidden ones (a name starting with ".") left
+    out, following symbolic links to files and folders but reading every file once: a link (or
+    hard link) to a file already read, a link to a folder already walked (a loop) and a broken
+    link are skipped. Returns (((path, bytes), ...), ((relative path, why skipped), ...))."""
+    seen_files, seen_dirs, found, skipped = {}, {}, [], []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        root = Path(root)
+        relative = root.relative_to(folder).as_posix()
+        first = seen_dirs.setdefault(os.path.realpath(root), relative)
+        if first != relative:  # a link to a folder walked already (or a loop back up)
+            skipped.append((relative, f"the same folder as {first if first != '.' else 'the source'}, read once"))
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [root / n for n in names if not n.startswith(".")]
+    parts = []
+    for p in sorted(found, key=lambda p: p.relative_to(folder).parts):
+        relative = p.relative_to(folder).as_posix()
+        try:
+            st = p.stat()
+        except OSError:
+            skipped.append((relative, f"a broken link (to {os.readlink(p)})" if p.is_symlink() else "unreadable"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            skipped.append((relative, "not a regular file"))
+            continue
+        first = seen_files.setdefault((st.st_dev, st.st_ino), relative)
+        if first != relative:
+            skipped.append((relative, f"the same file as {first}, read once"))
+            continue
+        parts.append((p, st.st_size))
+    return tuple(parts), tuple(sorted(skipped))
 
 
 def split_sizes(total: int, fractions: Optional[tuple] = None, enwik8: bool = False) -> tuple[int, int, int]:
@@ -131,7 +177,9 @@ def prepare(source, out_dir, fractions: Optional[tuple] = None) -> dict:
     """Write ``train.bin``, ``valid.bin`` and ``test.bin`` (raw bytes) and ``meta.json`` to out_dir.
 
     source: the enwik8 file, enwik8.zip, any file, a .zip of files, or a folder of files (read in
-    sorted path order, hidden files left out). enwik8 (by name or by its size of 100,000,000 bytes)
+    sorted path order, hidden files left out; symbolic links followed, but each file read once:
+    see :func:`_folder_parts`). meta.json lists the files read ("files": path and bytes, in order)
+    and the entries skipped ("skipped": path and reason). enwik8 (by name or by its size of 100,000,000 bytes)
     gets the paper's split: first 90M bytes train, next 5M valid, last 5M test. Anything else is
     split in order by ``fractions`` (train, valid, test; default 0.9, 0.05, 0.05).
     Every file is written atomically; meta.json (sizes, sha256, split rule) is written last. One
@@ -147,7 +195,10 @@ def prepare(source, out_dir, fractions: Optional[tuple] = None) -> dict:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a path through a file, a read-only file system, /proc
+        raise UserInputError(f"output {out_dir}: cannot create it ({err.strerror or err})") from None
     with FolderLock(out_dir, argument="output", command="sharnn prepare"):
         remove_stale_temporaries(out_dir, [f"{name}.bin" for name in SPLITS] + [META_NAME], before=started)
         return _write_splits(source, src, sizes, out_dir, enwik8, fractions)
@@ -167,7 +218,8 @@ def _write_splits(source, src, sizes, out_dir: Path, enwik8: bool, fractions) ->
                 left -= len(piece)
         files[name] = dict(file=f"{name}.bin", bytes=size, sha256=digest.hexdigest())
     meta = dict(format=META_FORMAT, version=1, source=str(Path(source).resolve()), source_bytes=src.size,
-                split_rule=_split_rule(sizes, enwik8, fractions), splits=files)
+                split_rule=_split_rule(sizes, enwik8, fractions), splits=files, files=src.listing(),
+                skipped=[dict(path=p, reason=why) for p, why in src.skipped])
     with atomic_open(out_dir / META_NAME, "w") as out:
         json.dump(meta, out, indent=1)
         out.write("\n")
@@ -279,6 +331,27 @@ def _split_file(path: Path, fractions, description: str) -> Corpus:
                   dict.fromkeys(SPLITS, watch))
 
 
+def _check_meta_entry(meta_path: Path, name: str, entry) -> None:
+    """Raise UserInputError unless ``entry`` (meta.json's splits[name]) has the fields `sharnn
+    prepare` writes: "file" a file name, "bytes" an integer >= 0, "sha256" 64 hex digits (or null)."""
+    def bad(field: str, expected: str):
+        got = entry.get(field) if isinstance(entry, dict) else entry
+        return UserInputError(f"{meta_path}: splits.{name}.{field} must be {expected}, got {json.dumps(got)}: "
+                              f"prepare the folder again")
+    if not isinstance(entry, dict):
+        raise bad("file", "an object with file, bytes and sha256")
+    file = entry.get("file")
+    if not isinstance(file, str) or not file or Path(file).name != file:
+        raise bad("file", "the name of a file in the folder")
+    size = entry.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise bad("bytes", "an integer >= 0")
+    digest = entry.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise bad("sha256", "64 hexadecimal digits")
+
+
 def _load_prepared(folder: Path) -> Corpus:
     meta_path = folder / META_NAME
     if not meta_path.is_file():
@@ -287,8 +360,10 @@ def _load_prepared(folder: Path) -> Corpus:
     try:
         meta = json.loads(meta_path.read_text())
         entries = {name: meta["splits"][name] for name in SPLITS}
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{meta_path} is not a meta.json written by `sharnn prepare` ({err})") from None
+    for name, entry in entries.items():
+        _check_meta_entry(meta_path, name, entry)
     splits, digests, watches = {}, {}, {}
     for name, entry in entries.items():
         file = folder / entry["file"]

@@ -7,12 +7,12 @@ nothing here is specific to one node.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .. import _env
 from .errors import UserInputError
 
 
@@ -39,8 +39,8 @@ def setup(device: str | None) -> Context:
     device: None picks cuda:LOCAL_RANK when CUDA is available, else the CPU. Raises
     UserInputError for a CUDA device on a machine without one.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = _env.integer("WORLD_SIZE", 1)  # ValueError for a value that is not an integer
+    rank, local_rank = _env.integer("RANK", 0), _env.integer("LOCAL_RANK", 0)
     device = resolve_device(device, local_rank if world_size > 1 else None)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,13 +26,13 @@ import torch.nn.functional as F
 from .. import autotuning
 from ..backend import explain, get_backend
 from . import distributed
-from .checkpoint import (check_architecture, describe_tensors, model_from_checkpoint, non_finite_tensors,
-                         read_checkpoint, save_checkpoint)
+from .checkpoint import (check_architecture, describe_tensors, load_weights, model_from_checkpoint,
+                         non_finite_tensors, read_checkpoint, save_checkpoint)
 from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
                      validate)
 from .data import BatchStream, check_same_data, load_corpus
 from .errors import UserInputError
-from .optim import build_optimizer, learning_rate
+from .optim import build_optimizer, learning_rate, optimizer_state_problem
 from .report import MetricsLog, Progress, bits_per_byte, summary_text
 from .run_folder import RunFolder, complete_run_message
 
@@ -192,7 +193,7 @@ class Trainer:
         self.last_good: Optional[tuple] = None
         self.notices: list[str] = []
         if resume is not None:
-            self._restore(resume)
+            self._restore(resume, resume_path)
             if reseed:
                 self._reseed()
             if resume_path is not None:
@@ -266,8 +267,23 @@ class Trainer:
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     progress=progress, rng=rng, carry=self._carry_for_checkpoint(), data=self.data_digests)
 
-    def _restore(self, payload: dict) -> None:
-        self.model.load_state_dict(payload["model"])
+    def _restore(self, payload: dict, path) -> None:
+        """Continue from checkpoint ``payload`` (read from ``path``). Raises UserInputError when its
+        state does not fit this run: weights or optimizer state of other shapes, another
+        optimizer's state, a malformed progress, random or carried state (a checkpoint edited, or
+        written by other code: each would otherwise fail at the first step)."""
+        load_weights(self.model, payload["model"], path)
+        try:
+            self._restore_state(payload)
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+            raise UserInputError(f"{path}: its training state cannot be restored ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())})") from None
+        problem = optimizer_state_problem(self.config.optimizer, self.optimizer)
+        if problem:
+            raise UserInputError(f"{path}: its optimizer state does not fit --optimizer {self.config.optimizer} "
+                                 f"({problem}): was it edited? Start a new run, or resume another checkpoint")
+
+    def _restore_state(self, payload: dict) -> None:
         saved_optimizer = payload["config"].get("optimizer")
         if saved_optimizer != self.config.optimizer:  # torch would load another optimizer's groups and fail later
             raise UserInputError(f"the checkpoint was trained with --optimizer {saved_optimizer}; its optimizer "
@@ -614,6 +630,22 @@ def default_save_dir(config: TrainConfig) -> Path:
     return Path("sharnn-runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def make_save_dir(save_dir: Path) -> None:
+    """Create the --save folder (and its parents) and check that a file can be created in it, so
+    that a folder the run cannot write stops it now, not at its first checkpoint or log line.
+    Raises UserInputError naming the folder and the reason (a path through a file, a read-only
+    file system, no permission, /proc)."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise UserInputError(f"--save {save_dir} exists and is not a folder")
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=save_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserInputError(f"--save {save_dir}: cannot write there ({err.strerror or err}); "
+                             f"choose a folder you can write") from None
+
+
 def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, save_dir=None,
           resume_path=None, progress: bool = True, overwrite: bool = False) -> dict:
     """Train: the preset (or the checkpoint at ``resume_path``) with the explicitly given
@@ -647,6 +679,7 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
                 complete = complete_run_message(resume_path, p, run_finished(config, p["step"], p["epoch"])) \
                     if resume is not None else None
                 if complete is None:
+                    make_save_dir(save_dir)  # created, and writable, before the first step
                     folder = RunFolder(save_dir, resume=resume, resume_path=resume_path, overwrite=overwrite).open()
                 plan = dict(complete=complete, notes=folder.notes if folder else [],
                             same_folder=folder.same_folder if folder else True)

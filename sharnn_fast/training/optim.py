@@ -109,6 +109,33 @@ def build_optimizer(name: str, params, *, lr: float, weight_decay: float) -> tor
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
+# The per-parameter state each optimizer's step reads, once the parameter has taken a step.
+STATE_KEYS = {"lamb": ("exp_avg", "exp_avg_sq"), "adamw": ("step", "exp_avg", "exp_avg_sq"), "sgd": ()}
+
+
+def optimizer_state_problem(name: str, optimizer: torch.optim.Optimizer) -> str | None:
+    """What keeps ``optimizer`` (built by :func:`build_optimizer` as ``name``, then given a saved
+    state_dict) from stepping, or None: a parameter group without one of the optimizer's settings
+    (e.g. SGD's momentum in a LAMB state), a parameter's state without what ``name`` reads, or a
+    state tensor whose shape is not its parameter's. torch's load_state_dict checks none of these;
+    each would fail at the first step with a KeyError or a shape error."""
+    fresh = build_optimizer(name, [torch.zeros(1, requires_grad=True)], lr=0.0, weight_decay=0.0)
+    settings = set(fresh.param_groups[0]) - {"params"}  # what a group of this optimizer holds
+    for i, group in enumerate(optimizer.param_groups):
+        missing = sorted(settings - set(group))
+        if missing:
+            return f"parameter group {i} has no {', '.join(missing)}"
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            absent = [key for key in STATE_KEYS.get(name, ()) if state and key not in state]
+            if absent:
+                return f"the state of a parameter of shape {tuple(p.shape)} has no {', '.join(absent)}"
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step" and value.shape != p.shape:
+                    return (f"{key} of a parameter of shape {tuple(p.shape)} has shape {tuple(value.shape)}")
+    return None
+
+
 def learning_rate(step: int, *, lr: float, warmup: int, schedule: str = "constant",
                   total_steps: int | None = None, epoch: int = 0, when: tuple = ()) -> float:
     """The learning rate of optimizer step ``step`` (counted from 1).

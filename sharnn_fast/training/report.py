@@ -10,6 +10,9 @@ from typing import Optional
 from .errors import UserInputError
 
 METRICS_NAME = "metrics.jsonl"
+# sharnn_fast is installed from a checkout, not from an index: "sharnn-fast[plot]" would name a
+# package that no index holds.
+PLOT_INSTALL_HINT = "pip install matplotlib (or, in a checkout of sharnn_fast, pip install '.[plot]')"
 LN2 = math.log(2)
 
 
@@ -97,13 +100,18 @@ def read_metrics(folder) -> list[dict]:
     path = path / METRICS_NAME if path.is_dir() else path
     if not path.is_file():
         raise UserInputError(f"{path} does not exist: give the --save folder of a `sharnn train` run")
+    try:
+        text = path.read_text(errors="replace")  # a file that is not text holds no valid line
+    except OSError as err:
+        raise UserInputError(f"cannot read {path} ({err.strerror or err})") from None
     events = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue  # a line cut short by a crash
-        if isinstance(event, dict) and {"step", "split", "bpc"} <= event.keys():
+        if (isinstance(event, dict) and {"step", "split", "bpc"} <= event.keys()
+                and isinstance(event["step"], (int, float)) and isinstance(event["bpc"], (int, float, type(None)))):
             events.append(event)
     if not events:
         raise UserInputError(f"{path} holds no metrics events")
@@ -121,7 +129,8 @@ def plot_metrics(folder, out=None) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserInputError("sharnn plot needs matplotlib: pip install 'sharnn-fast[plot]'") from None
+        raise UserInputError(f"sharnn plot needs matplotlib, which this Python ({sys.executable}) lacks: "
+                             f"{PLOT_INSTALL_HINT}") from None
     folder = Path(folder)
     out = Path(out) if out else (folder if folder.is_dir() else folder.parent) / "curves.png"
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -53,7 +53,7 @@ def test_prepare_train_eval_plot(tmp_path, corpus_file, capsys):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert_one_line_error(plotted, "pip install 'sharnn-fast[plot]'")
+        assert_one_line_error(plotted, "pip install matplotlib", "pip install '.[plot]'")
     else:
         assert plotted.returncode == 0, plotted.stderr
         assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -153,3 +153,102 @@ def test_default_precision_is_fp16_on_a_gpu_and_fp32_on_a_cpu():
     assert default_precision(torch.device("cpu")) == "fp32"
     help_text = run_sharnn("train", "--help").stdout
     assert "default: fp16 on a GPU" in " ".join(help_text.split())
+
+
+# --- issue 21, item 7: bad input that was an "internal error ... please report it" (exit 1) ---------
+
+@pytest.mark.parametrize("variable, value, fragment", [
+    ("SHARNN_FAST_AUTOTUNE", "yes", "SHARNN_FAST_AUTOTUNE must be 0 or 1, got 'yes'"),
+    ("SHARNN_FAST_BACKEND", "fastest", "SHARNN_FAST_BACKEND must be one of"),
+    ("SHARNN_TRITON_LSTM_GRAPHS", "on", "SHARNN_TRITON_LSTM_GRAPHS must be auto, 0 or 1"),
+    ("SHARNN_GENERATE_CUDA_GRAPHS", "yes", "SHARNN_GENERATE_CUDA_GRAPHS must be auto, 0 or 1"),
+    ("WORLD_SIZE", "two", "WORLD_SIZE must be a non-negative integer"),
+])
+def test_a_bad_environment_variable_gets_one_line_before_anything_starts(tmp_path, corpus_file, variable, value,
+                                                                         fragment):
+    result = run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--save", tmp_path / "run",
+                        env=sharnn_env(**{variable: value}))
+    assert_one_line_error(result, "sharnn train: error: environment variable", fragment)
+    assert result.stdout == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["proc", "through a file"])
+def test_an_unwritable_save_folder_is_refused_before_the_first_step(tmp_path, corpus_file, where):
+    save = "/proc/sharnn-test/run" if where == "proc" else corpus_file / "run"
+    result = run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "40", "--eval-interval", "30",
+                        "--save", save)
+    assert_one_line_error(result, f"--save {save}: cannot write there")
+    assert "step 1" not in result.stdout
+
+
+def test_a_checkpoint_that_does_not_fit_its_run_gets_one_line(tmp_path, corpus_file, capsys):
+    """Weights or optimizer state of another shape, another optimizer's state: one line on --resume
+    (and on eval), not a KeyError or a size mismatch at the first step."""
+    from training_helpers import rewrite_checkpoint
+
+    run = tmp_path / "run"
+    assert run_main(capsys, "train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--save", run).returncode == 0
+    last = run / "last.pt"
+
+    def narrow_weight(payload):
+        payload["model"]["encoder.weight"] = torch.zeros(256, 8)
+
+    def sgd_config(payload):  # the config says sgd, the optimizer state is LAMB's
+        payload["config"]["optimizer"] = "sgd"
+
+    def short_moment(payload):
+        state = payload["optimizer"]["state"]
+        state[next(iter(state))]["exp_avg"] = torch.zeros(3)
+
+    def no_step(payload):
+        del payload["progress"]["step"]
+
+    for name, edit in (("narrow", narrow_weight), ("sgd", sgd_config), ("moment", short_moment),
+                       ("nostep", no_step)):
+        rewrite_checkpoint(last, tmp_path / f"{name}.pt", edit)
+    assert_one_line_error(run_sharnn("eval", "--checkpoint", tmp_path / "nostep.pt"),  # was KeyError: 'step'
+                          "nostep.pt is a malformed checkpoint: its progress has no step count")
+    assert_one_line_error(run_sharnn("train", "--resume", last, "--optimizer", "sgd", "--save", tmp_path / "r0"),
+                          "trained with --optimizer lamb", "cannot continue as --optimizer sgd")
+    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "narrow.pt", "--save", tmp_path / "r1"),
+                          "narrow.pt: its weights do not fit", "size mismatch for encoder.weight")
+    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "sgd.pt", "--save", tmp_path / "r2"),
+                          "sgd.pt: its optimizer state does not fit --optimizer sgd", "no dampening, momentum")
+    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "moment.pt", "--save", tmp_path / "r3"),
+                          "moment.pt: its optimizer state does not fit", "exp_avg of a parameter of shape")
+    assert_one_line_error(run_main(capsys, "eval", "--checkpoint", tmp_path / "narrow.pt"),
+                          "size mismatch for encoder.weight")
+
+
+# --- issue 21, item 12: messages and help -----------------------------------------------------------
+
+def test_plot_without_matplotlib_gives_an_install_command_that_works_from_a_checkout(tmp_path):
+    """The hint named 'sharnn-fast[plot]', a package on no index; now `pip install matplotlib`, or
+    '.[plot]' in a checkout."""
+    hidden = tmp_path / "hide"
+    (hidden / "matplotlib").mkdir(parents=True)
+    (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=1, split="train", bpc=8.0)) + "\n")
+    result = run_sharnn("plot", tmp_path, env=sharnn_env(PYTHONPATH=str(hidden)))
+    assert_one_line_error(result, "needs matplotlib", "pip install matplotlib", "in a checkout of sharnn_fast, "
+                          "pip install '.[plot]'")
+    assert "sharnn-fast[plot]" not in result.stderr
+
+
+def test_plot_help_describes_the_command():
+    text = " ".join(run_sharnn("plot", "--help").stdout.split())
+    assert "Draw bits per byte against step" in text and "metrics.jsonl" in text and "curves.png" in text
+
+
+def test_more_bad_input_that_was_an_internal_error_gets_one_line(tmp_path, corpus_file):
+    """Found looking for the rest of issue 21, item 7's kind: each was "internal error" (exit 1)."""
+    (tmp_path / "binary.pt").write_bytes(bytes(range(256)) * 4)
+    cases = [
+        (["plot", tmp_path / "binary.pt"], ["binary.pt holds no metrics events"]),  # UnicodeDecodeError
+        (["prepare", corpus_file, "/proc/sharnn-test/out"], ["output /proc/sharnn-test/out: cannot create it"]),
+        (["prepare", corpus_file, corpus_file / "out"], ["cannot create it (Not a directory)"]),
+        (["train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--when", "-1", "--save", tmp_path / "r"],
+         ["--when takes epochs counted from 1"]),  # accepted before: the lr divided by 10 from the start
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_sharnn(*args), *fragments)

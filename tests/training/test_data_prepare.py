@@ -100,3 +100,34 @@ def test_the_embedded_corpus_is_built_offline_and_cached(tmp_path, monkeypatch):
     assert path.parent == tmp_path and len(text) >= 200_000
     assert text.decode("utf-8").count(" the ") > 1000  # English prose
     assert default_corpus_file() == path and path.read_bytes() == text
+
+
+def test_prepare_a_folder_reads_each_file_once_whatever_links_to_it(tmp_path):
+    """Issue 21, item 11: a symbolic link to a file in the folder was read again (its bytes twice in
+    the splits). Now each file is read once, what was skipped is said, and meta.json lists both."""
+    import os
+
+    from training_helpers import run_sharnn
+
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_bytes(b"A" * 600)
+    (folder / "sub" / "c.txt").write_bytes(b"C" * 400)
+    os.symlink("../a.txt", folder / "sub" / "link-to-a.txt")  # the same file again
+    os.symlink("sub", folder / "z-link-to-sub")  # the same folder again
+    os.symlink("..", folder / "sub" / "loop")  # a loop
+    os.symlink("missing.txt", folder / "broken.txt")
+    result = run_sharnn("prepare", folder, tmp_path / "out", "--split", "80/10/10")
+    assert result.returncode == 0, result.stderr
+    written = b"".join((tmp_path / "out" / f"{s}.bin").read_bytes() for s in ("train", "valid", "test"))
+    assert written == b"A" * 600 + b"C" * 400
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["files"] == [dict(path="a.txt", bytes=600), dict(path="sub/c.txt", bytes=400)]
+    assert meta["skipped"] == [
+        dict(path="broken.txt", reason="a broken link (to missing.txt)"),
+        dict(path="sub/link-to-a.txt", reason="the same file as a.txt, read once"),
+        dict(path="sub/loop", reason="the same folder as the source, read once"),
+        dict(path="z-link-to-sub", reason="the same folder as sub, read once")]
+    assert "read 2 files, 1,000 bytes" in result.stdout
+    assert "skipped sub/link-to-a.txt: the same file as a.txt, read once" in result.stdout
+    assert load_corpus(tmp_path / "out").digests["train"]["bytes"] == 800

@@ -68,3 +68,18 @@ def test_a_data_file_truncated_during_a_run_stops_it_with_a_message(tmp_path, co
     assert f"the data file {data} changed during the run (now holds 1,000 bytes, not 30,000)" in stderr
     good = read_checkpoint(tmp_path / "run" / "last.pt")
     assert good["progress"]["step"] >= 4 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+@pytest.mark.parametrize("field, value", [("bytes", "many"), ("bytes", -1), ("file", "../escape.bin"),
+                                          ("sha256", 12)])
+def test_a_meta_json_with_a_bad_field_gets_one_line(tmp_path, corpus_file, field, value):
+    """Issue 21, item 7: "bytes": "many" was an internal error (a format code applied to a string)."""
+    import json
+
+    assert run_sharnn("prepare", corpus_file, tmp_path / "data").returncode == 0
+    meta_path = tmp_path / "data" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["splits"]["valid"][field] = value
+    meta_path.write_text(json.dumps(meta))
+    assert_one_line_error(run_sharnn("train", *SMALL, "--data", tmp_path / "data", "--max-steps", "1",
+                                     "--save", tmp_path / "run"), f"splits.valid.{field} must be")

@@ -101,3 +101,47 @@ def test_plot_to_a_bad_path_gets_one_line(checkpoint, capsys):
     run = checkpoint.parent
     assert_one_line_error(run_main(capsys, "plot", run, "--out", run / "missing" / "x.png"), "--out", "cannot write")
     assert_one_line_error(run_main(capsys, "plot", run, "--out", run / "x.unknownformat"), "--out", "cannot write")
+
+
+def test_a_prompt_that_is_not_utf8_is_taken_as_the_bytes_given(checkpoint):
+    """Issue 21, item 7: a --prompt holding bytes that are not UTF-8 (a lone 0xff) was an internal
+    error. On POSIX the command line is bytes: the prompt is those bytes, as --prompt-file reads them."""
+    import os
+    import subprocess
+    import sys
+
+    from training_helpers import ROOT, sharnn_env
+
+    if os.name != "posix":
+        pytest.skip("the command line is bytes only on POSIX")
+    result = subprocess.run([sys.executable.encode(), b"-m", b"sharnn_fast", b"generate", b"--checkpoint",
+                             bytes(checkpoint), b"--prompt", b"def \xff", b"--max-new-tokens", b"12", b"--greedy"],
+                            capture_output=True, timeout=120, env=sharnn_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    model, _ = sharnn_fast.load_checkpoint(checkpoint)
+    prompt = torch.tensor(list(b"def \xff")).unsqueeze(1)
+    expected = bytes(model.generate(prompt, 12, do_sample=False)[5:, 0].tolist())
+    assert result.stdout == (expected.decode("utf-8", errors="replace") + "\n").encode()
+
+
+def test_a_reader_that_stops_reading_ends_generate_quietly(checkpoint):
+    """`sharnn generate ... | head -c 20`: once head exits, writing stdout fails with a broken pipe.
+    Before, that was "internal error: BrokenPipeError ... please report it"; now the command stops
+    quietly with 141 (128 + SIGPIPE, what a shell reports for a writer its reader left)."""
+    import subprocess
+    import sys
+
+    from training_helpers import ROOT, sharnn_env
+
+    process = subprocess.Popen([sys.executable, "-m", "sharnn_fast", "generate", "--checkpoint", str(checkpoint),
+                                "--prompt", "The ", "--max-new-tokens", "100000"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=sharnn_env(), cwd=ROOT)
+    try:
+        assert len(process.stdout.read(20)) == 20
+        process.stdout.close()  # as head does when it has its 20 bytes
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 141, stderr
+    finally:
+        process.kill()
+    assert stderr == ""

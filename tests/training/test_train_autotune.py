@@ -30,6 +30,25 @@ def test_autotune_on_reports_what_it_measured_and_chose(tmp_path, corpus_file):
     assert (tmp_path / "cache" / "autotune.json").exists()
 
 
+def test_a_cache_entry_without_times_is_dropped_with_a_warning_naming_the_cache(tmp_path, corpus_file):
+    """Issue 21, item 2: before, such an entry made every run fail with "internal error: KeyError:
+    'times_ms'", without a word of the cache."""
+    env = sharnn_env(SHARNN_FAST_CACHE_DIR=str(tmp_path / "cache"))
+    args = ["train", "--preset", "tiny", *SMALL, "--data", corpus_file, "--max-steps", "1", "--autotune", "on"]
+    assert run_sharnn(*args, "--save", tmp_path / "run1", env=env).returncode == 0
+    cache = tmp_path / "cache" / "autotune.json"
+    data = json.loads(cache.read_text())
+    for entry in data["entries"].values():
+        del entry["times_ms"]
+    cache.write_text(json.dumps(data))
+    result = run_sharnn(*args, "--save", tmp_path / "run2", env=env)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "UserWarning" in line]
+    assert len(warned) == 1 and f"of the autotune cache {cache}" in warned[0] and "no times_ms" in warned[0]
+    assert "autotuned (measured now)" in result.stdout + result.stderr
+    assert all("times_ms" in entry for entry in json.loads(cache.read_text())["entries"].values())
+
+
 def test_autotune_is_off_by_default_on_a_cpu(tmp_path, corpus_file):
     run = tmp_path / "run"
     env = sharnn_env(SHARNN_FAST_CACHE_DIR=str(tmp_path / "cache"))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Callable, Optional
 
 import torch
@@ -36,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ... import _env
 from ...backend import Implementation
 from .._kernels import compute_dtype, interpreted, triton_why_not
 from .._precision import triton_dot_precision
@@ -315,9 +315,7 @@ def _backward_window(B, H, dtype, device, K, has_d_c) -> _StepWindow:
 
 def _windowed_steps(device: torch.device, T: int) -> int:
     """How many of the T steps run in windows (a multiple of GRAPH_CHUNK_STEPS)."""
-    setting = os.environ.get(GRAPHS_ENV, "auto")
-    if setting not in ("auto", "0", "1"):
-        raise ValueError(f"environment variable {GRAPHS_ENV} must be 'auto', '0' or '1'; got {setting!r}")
+    setting = _env.choice(GRAPHS_ENV)  # ValueError for another value than auto, 0 or 1
     if setting == "0" or (setting == "auto" and device.type != "cuda"):
         return 0
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
