@@ -74,6 +74,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      "(default: the preset's, 5512 as published). With --resume: dropout and lengths start "
                      "afresh from it (the weights and optimizer continue); without, the resume is exact")
     run.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default: cuda if available)")
+    _add_threads(run)
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
                      help="autocast dtype (default: fp16 on a GPU, as published and the fastest there, with a "
                      "GradScaler; fp32 on a CPU)")
@@ -121,6 +122,12 @@ def _add_inference_backend(p: argparse.ArgumentParser) -> None:
                    "it can run here, else auto)")
 
 
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads of torch's ops (default: OMP_NUM_THREADS if set, else this machine's "
+                   "cores less those other programs keep busy, by the 1-minute load average; at least 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sharnn", description="Train and evaluate SHA-RNN byte-level language models "
                      "(Merity 2019) with sharnn_fast.", epilog=EXAMPLES,
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns, of all processes together under torchrun, so that any number of "
                    "processes scores the same bytes (default 10; 1 scores every byte, with the longest context)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _add_threads(p)
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype (default: fp16 on a GPU, fp32 on a CPU)")
     _add_inference_backend(p)
@@ -181,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="always the most likely byte (no sampling; not with --temperature/--top-k/--top-p/--seed)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _add_threads(p)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="bf16/fp16: autocast (default fp32)")
     _add_inference_backend(p)
@@ -193,11 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from .training import train
+    from .training.distributed import set_cpu_threads
     from .training.config import parse_attn_layers
     from .training.data import parse_split
 
+    set_cpu_threads(args.threads)
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "preset", "save", "resume")}
+                 if k not in ("command", "preset", "save", "resume", "threads")}
     if "attn_layers" in overrides:
         overrides["attn_layers"] = parse_attn_layers(overrides["attn_layers"])
     if "split" in overrides:
@@ -221,9 +232,11 @@ def _prepare(args) -> int:
 
 
 def _eval(args) -> int:
+    from .training.distributed import set_cpu_threads
     from .training.loop import evaluate_checkpoint
     from .training.report import strict_json
 
+    set_cpu_threads(args.threads)
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                  device=args.device, precision=args.precision, backend=args.backend)
     if os.environ.get("RANK", "0") != "0":
@@ -238,6 +251,7 @@ def _eval(args) -> int:
 
 def _generate(args) -> int:
     from .generation import generate_text
+    from .training.distributed import set_cpu_threads
     from .training.errors import UserInputError
 
     sampling = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
@@ -245,6 +259,7 @@ def _generate(args) -> int:
     if args.greedy and sampling:
         raise UserInputError(f"--greedy takes the most likely byte every time; {', '.join(sampling)} "
                              "would have no effect: drop one or the other")
+    set_cpu_threads(args.threads)
     if args.prompt is not None:
         prompt = args.prompt.encode("utf-8")
     else:

@@ -473,6 +473,7 @@ class Trainer:
         """Train until --max-steps or --epochs, a signal, or a NaN; returns the summary dict
         (``exit_code`` 0 when finished, 128 + signal number when stopped by SIGINT/SIGTERM)."""
         self._started = self._last_log_time = time.perf_counter()
+        self.progress.message(self.startup_line())
         for notice in self.notices:
             self.progress.message(f"note: {notice}")
         with self._signals_caught(), self._autotuning():
@@ -491,6 +492,18 @@ class Trainer:
             valid = self.validate_and_save()
         test = self.evaluate_split("test")
         return self._summary(stopped="finished", valid=valid, test=test, exit_code=0)
+
+    def startup_line(self) -> str:
+        """What runs, printed before the first step: preset, device, CPU threads, precision,
+        backend, data and where the checkpoints go."""
+        c = self.config
+        processes = f" x {self.ctx.world_size} processes" if self.ctx.world_size > 1 else ""
+        threads = torch.get_num_threads()
+        start = f"from step {self.step:,}" if self.step else "from scratch"
+        return (f"sharnn train: preset {c.preset}, {self.device}{processes}, {threads} CPU thread"
+                f"{'s' if threads != 1 else ''}, {self.precision}, backend {c.backend or 'auto'}"
+                f"{' (autotuned at the first step)' if self.autotune else ''}, {start}; data: "
+                f"{self.data_description}; saving to {self.save_dir if self.save_dir is not None else 'nowhere'}")
 
     @contextlib.contextmanager
     def _autotuning(self):

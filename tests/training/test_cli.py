@@ -153,3 +153,38 @@ def test_default_precision_is_fp16_on_a_gpu_and_fp32_on_a_cpu():
     assert default_precision(torch.device("cpu")) == "fp32"
     help_text = run_sharnn("train", "--help").stdout
     assert "default: fp16 on a GPU" in " ".join(help_text.split())
+
+
+def test_cpu_threads_default_leaves_busy_cores_alone(monkeypatch):
+    """--threads wins, then OMP_NUM_THREADS, then the cores this process may use less the load."""
+    from sharnn_fast.training import distributed
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for load, expected in [(0.0, 4), (0.4, 4), (1.6, 2), (3.9, 1), (12.0, 1)]:
+        monkeypatch.setattr(distributed.os, "getloadavg", lambda load=load: (load, load, load))
+        assert distributed.cpu_threads()[0] == expected, load
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two local processes share the cores
+    assert distributed.cpu_threads()[0] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.cpu_threads() == (3, "OMP_NUM_THREADS")
+    assert distributed.cpu_threads(1) == (1, "--threads")
+
+
+def test_train_says_what_runs_before_the_first_step(tmp_path, corpus_file):
+    save = tmp_path / "run"
+    result = run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--threads", "1",
+                        "--save", save)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    for fragment in ("sharnn train: preset tiny", "cpu", "1 CPU thread,", "fp32", "backend auto",
+                     "from scratch", "data: ", f"saving to {save}"):
+        assert fragment in first, (fragment, first)
+    assert "step 1" in result.stdout.splitlines()[1]  # the line comes before the first step
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_threads_flag_is_checked(command):
+    extra = [] if command == "train" else ["--checkpoint", "x.pt"] + (["--prompt", "a"] if command == "generate" else [])
+    assert_one_line_error(run_sharnn(command, *extra, "--threads", "0"), "--threads", "expected a positive integer")
