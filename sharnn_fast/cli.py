@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -289,12 +290,28 @@ COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "generate": _ge
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``sharnn`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    prog = f"sharnn {args.command}"
-    from .backend import BackendUnavailableError
-    from .training.errors import UserInputError
-    from .training.loop import TrainingDiverged
+    """Entry point of the ``sharnn`` console script; returns the exit status.
+
+    Signals are handled from the first line: while the parser and torch load, SIGINT and SIGTERM
+    are held (a KeyboardInterrupt inside torch's import can abort the process) and acted on as soon
+    as that is done; from then on they interrupt the command, which says so in one line and exits
+    with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). `sharnn train` catches them itself
+    while it trains: it saves and stops after the step (README, Training)."""
+    held: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    prog = "sharnn"
+    try:
+        args = build_parser().parse_args(argv)
+        prog = f"sharnn {args.command}"
+        from .backend import BackendUnavailableError
+        from .training.errors import Interrupted, UserInputError
+        from .training.loop import TrainingDiverged
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
+    if held:
+        return _interrupted(prog, held[0], "before it started")
 
     try:
         return COMMANDS[args.command](args)
@@ -304,15 +321,28 @@ def main(argv=None) -> int:
     except TrainingDiverged as err:
         print(f"{prog}: {_one_line(err)}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        return _interrupted(prog, err.signum, err.detail)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(prog, signal.SIGINT, "")
     except Exception as err:  # a bug: still one line, the traceback on request
         if os.environ.get("SHARNN_DEBUG"):
             raise
         print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)} (set SHARNN_DEBUG=1 for "
               f"the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def _interrupt(signum, frame):
+    from .training.errors import Interrupted
+    raise Interrupted(signum)
+
+
+def _interrupted(prog: str, signum: int, detail: str) -> int:
+    name = signal.Signals(signum).name
+    print(f"{prog}: interrupted by {name}" + (f" {detail}" if detail.startswith("before") else
+                                               f": {detail}" if detail else ""), file=sys.stderr)
+    return 128 + int(signum)
 
 
 def _one_line(err: BaseException) -> str:

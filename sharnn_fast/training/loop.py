@@ -30,7 +30,7 @@ from .checkpoint import (check_architecture, describe_tensors, model_from_checkp
 from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
                      validate)
 from .data import BatchStream, check_same_data, load_corpus
-from .errors import UserInputError
+from .errors import Interrupted, UserInputError
 from .optim import build_optimizer, learning_rate
 from .report import MetricsLog, Progress, bits_per_byte, summary_text
 
@@ -569,7 +569,11 @@ class Trainer:
 
         def handler(signum, frame):
             if self.stop_signal:
-                raise KeyboardInterrupt
+                if self.last_good is None:
+                    raise Interrupted(signum, "stopped at once, before any checkpoint was saved")
+                path, step = self.last_good
+                raise Interrupted(signum, f"stopped at once, without saving: {path} holds step {step}; "
+                                          f"resume with sharnn train --resume {path}")
             self.stop_signal = signum
             self.progress.message(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
                                   f"(again to stop at once)")

@@ -3,6 +3,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -188,3 +189,53 @@ def test_train_says_what_runs_before_the_first_step(tmp_path, corpus_file):
 def test_threads_flag_is_checked(command):
     extra = [] if command == "train" else ["--checkpoint", "x.pt"] + (["--prompt", "a"] if command == "generate" else [])
     assert_one_line_error(run_sharnn(command, *extra, "--threads", "0"), "--threads", "expected a positive integer")
+
+
+def _train_process(tmp_path, corpus_file, *extra):
+    return subprocess.Popen([sys.executable, "-m", "sharnn_fast", "train", *map(str, SMALL), "--data",
+                             str(corpus_file), "--max-steps", "100000", "--eval-interval", "100000",
+                             "--save", str(tmp_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sharnn_env(), cwd=ROOT)
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.8, 1.3, 2.0])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_in_the_first_seconds_stops_with_one_line(tmp_path, corpus_file, sig, delay):
+    """Whatever the command is doing when the signal comes (importing torch, reading the data,
+    building the model, the first steps): exit 128 + signal, never a traceback, never ignored."""
+    process = _train_process(tmp_path, corpus_file)
+    try:
+        time.sleep(delay)
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + sig, (process.returncode, stdout[-2000:], stderr[-2000:])
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    assert f"interrupted by {sig.name}" in stderr or f"stopped by {sig.name}" in stdout, (stdout, stderr)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_at_once_and_says_how_to_resume(tmp_path, corpus_file, sig):
+    """The first signal asks for a save after the step; a second one during that step (slow steps:
+    a wider model) stops at once, naming the checkpoint to resume from. 130 for SIGINT, 143 for
+    SIGTERM."""
+    process = _train_process(tmp_path, corpus_file, "--eval-interval", "2", "--emsize", "256", "--nhid", "2048",
+                             "--bptt", "64", "--threads", "1")
+    try:
+        for line in process.stdout:  # past the first checkpoint (step 2)
+            if line.startswith("step 3/"):
+                break
+        process.send_signal(sig)
+        for line in process.stdout:
+            if "saving a checkpoint after this step" in line:
+                break
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + sig, (process.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and f"interrupted by {sig.name}: stopped at once, without saving: " in lines[0], stderr
+    assert f"last.pt holds step" in lines[0] and f"--resume {tmp_path / 'last.pt'}" in lines[0], lines[0]
