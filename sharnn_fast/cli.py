@@ -10,7 +10,9 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Optional
 
 EXAMPLES = """\
 examples:
@@ -298,18 +300,30 @@ def main(argv=None) -> int:
     with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). `sharnn train` catches them itself
     while it trains: it saves and stops after the step (README, Training)."""
     held: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: held.append(signum))
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+        return _main(argv, None)
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(argv, held)
+    finally:  # as they were (main may run inside another program, a test say)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv, held: Optional[list]) -> int:
     prog = "sharnn"
     try:
         args = build_parser().parse_args(argv)
         prog = f"sharnn {args.command}"
         from .backend import BackendUnavailableError
-        from .training.errors import Interrupted, UserInputError
+        from .training._io import WriteError
+        from .training.errors import Interrupted, StorageError, UserInputError
         from .training.loop import TrainingDiverged
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _interrupt)
+        if held is not None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _interrupt)
     if held:
         return _interrupted(prog, held[0], "before it started")
 
@@ -318,7 +332,7 @@ def main(argv=None) -> int:
     except (UserInputError, BackendUnavailableError) as err:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, StorageError, WriteError) as err:
         print(f"{prog}: {_one_line(err)}", file=sys.stderr)
         return 1
     except Interrupted as err:

@@ -18,3 +18,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, detail: str = ""):
         super().__init__(detail)
         self.signum, self.detail = int(signum), detail
+
+
+class StorageError(RuntimeError):
+    """The run could not write its files (a full disk, say). One line naming the file, the reason
+    and the last checkpoint that is intact; the ``sharnn`` command exits with status 1."""

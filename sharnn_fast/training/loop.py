@@ -30,7 +30,8 @@ from .checkpoint import (check_architecture, describe_tensors, model_from_checkp
 from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
                      validate)
 from .data import BatchStream, check_same_data, load_corpus
-from .errors import Interrupted, UserInputError
+from ._io import WriteError
+from .errors import Interrupted, StorageError, UserInputError
 from .optim import build_optimizer, learning_rate
 from .report import MetricsLog, Progress, bits_per_byte, summary_text
 
@@ -417,8 +418,14 @@ class Trainer:
     def _log(self, event: Optional[dict]) -> None:
         if event is not None:
             self.progress.log(event)
-            if self.metrics is not None:
+            self._write_metrics(event)
+
+    def _write_metrics(self, event: dict) -> None:
+        if self.metrics is not None:
+            try:
                 self.metrics.write(event)
+            except WriteError as err:
+                raise StorageError(f"{err}; stopped at step {self.step}{self._intact()}") from err
 
     def evaluate_split(self, split: str) -> dict:
         started = time.perf_counter()
@@ -450,10 +457,18 @@ class Trainer:
         self.check_weights()
         payload = self.checkpoint_payload()
         if self.ctx.is_main:
-            save_checkpoint(self.save_dir / "last.pt", payload)
-            if best:
-                save_checkpoint(self.save_dir / "best.pt", payload)
+            try:
+                save_checkpoint(self.save_dir / "last.pt", payload)
+                if best:
+                    save_checkpoint(self.save_dir / "best.pt", payload)
+            except WriteError as err:
+                raise StorageError(f"{err}; stopped at step {self.step}{self._intact()}") from err
         self.last_good = (self.save_dir / "last.pt", self.step)
+
+    def _intact(self) -> str:
+        if self.last_good is None:
+            return " (no checkpoint was saved before)"
+        return f"; {self.last_good[0]} (step {self.last_good[1]}) is intact"
 
     def check_weights(self) -> None:
         """Raise TrainingDiverged if a weight is NaN or inf (a step whose loss and gradient were
@@ -484,7 +499,10 @@ class Trainer:
             finally:
                 self.progress.close()
         if self.stop_signal:
-            self.save()
+            try:
+                self.save()
+            except StorageError as err:  # still the signal's exit status (143 for SIGTERM)
+                raise Interrupted(self.stop_signal, str(err)) from err
             return self._summary(stopped=f"stopped by {signal.Signals(self.stop_signal).name}",
                                  exit_code=128 + int(self.stop_signal))
         valid = self.last_valid
@@ -547,8 +565,7 @@ class Trainer:
             self.autotune_reported = True
             event = self.report_autotuning(autotuning.tuning_seconds() - tuned_before,
                                            (self.tokens - tokens_before) // self.global_batch)
-            if self.metrics is not None:
-                self.metrics.write(event)
+            self._write_metrics(event)
         self.progress.step()
         if self.step % c.log_interval == 0:
             self._log(self.flush())

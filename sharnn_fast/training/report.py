@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ._io import atomic_open
+from ._io import WriteError, atomic_open, write_failure
 from .errors import UserInputError
 
 METRICS_NAME = "metrics.jsonl"
@@ -88,9 +88,13 @@ class MetricsLog:
             out.write("".join(line + "\n" for line in kept))
 
     def write(self, event: dict) -> None:
+        """Append one event. Raises WriteError when the storage fails (a full disk, say)."""
         if self.enabled:
-            with open(self.path, "a") as out:
-                out.write(strict_json(event) + "\n")
+            try:
+                with open(self.path, "a") as out:
+                    out.write(strict_json(event) + "\n")
+            except OSError as err:
+                raise WriteError(f"{write_failure(err, self.path)}: could not write {self.path}") from err
 
 
 def strict_json(event: dict) -> str:

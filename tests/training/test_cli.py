@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from sharnn_fast.training import read_checkpoint
 from training_helpers import ROOT, SMALL, assert_one_line_error, run_sharnn, sharnn_env
 
 
@@ -239,3 +240,67 @@ def test_a_second_signal_stops_at_once_and_says_how_to_resume(tmp_path, corpus_f
     lines = [line for line in stderr.splitlines() if "interrupted" in line]
     assert len(lines) == 1 and f"interrupted by {sig.name}: stopped at once, without saving: " in lines[0], stderr
     assert f"last.pt holds step" in lines[0] and f"--resume {tmp_path / 'last.pt'}" in lines[0], lines[0]
+
+
+def _full_disk_after(monkeypatch, saves_that_succeed: int):
+    """torch.save of checkpoints writes part of the file and then fails as it does on a full disk
+    (torch's writer reports the short write as "unexpected pos"), after the first N saves, with
+    the folder's device reporting no free space. Appending to metrics.jsonl fails with ENOSPC."""
+    import errno
+    from collections import namedtuple
+
+    from sharnn_fast.training import _io, checkpoint, report
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= saves_that_succeed:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK" + bytes(1000))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_io.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    real_open = open
+
+    def metrics_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode and len(calls) > saves_that_succeed:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(report, "open", metrics_open, raising=False)
+
+
+def test_a_full_disk_says_so_and_names_the_intact_checkpoint(tmp_path, corpus_file, capsys, monkeypatch):
+    _full_disk_after(monkeypatch, saves_that_succeed=2)  # last.pt and best.pt at step 2
+    result = run_main(capsys, "train", *SMALL, "--data", corpus_file, "--max-steps", "8",
+                      "--eval-interval", "2", "--save", tmp_path)
+    status, out, err = result.returncode, result.stdout, result.stderr
+    assert status == 1, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in err, err
+    assert f"no space left on the device holding {tmp_path}: could not write {tmp_path}" in lines[0], lines[0]
+    assert f"{tmp_path / 'last.pt'} (step 2) is intact" in lines[0], lines[0]
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / "last.pt")["progress"]["step"] == 2  # loads: still the good one
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the partial file is gone
+
+
+def test_sigterm_on_a_full_disk_still_exits_143(tmp_path, corpus_file, capsys, monkeypatch):
+    """The signal asks for a save, the save fails: the exit status is still the signal's."""
+    import os
+
+    from sharnn_fast.training.loop import Trainer
+    _full_disk_after(monkeypatch, saves_that_succeed=0)
+    real_step = Trainer.train_step
+
+    def step_then_signal(self):
+        real_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the trainer's handler
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    result = run_main(capsys, "train", *SMALL, "--data", corpus_file, "--max-steps", "50",
+                      "--eval-interval", "100", "--log-interval", "100", "--save", tmp_path)
+    status, out, err = result.returncode, result.stdout, result.stderr
+    assert status == 143, (out, err)
+    assert "interrupted by SIGTERM: no space left on the device holding" in err, err
+    assert "no checkpoint was saved before" in err and "Traceback" not in err
