@@ -5,16 +5,43 @@ Public API: :class:`SHARNN`, :mod:`ops` (lstm, attention, boom), :func:`set_back
 :func:`clear_autotune_cache`, :func:`build_info` and :func:`load_checkpoint` (a
 checkpoint written by ``sharnn train`` -> (model, config)). The ``sharnn`` command is
 :mod:`sharnn_fast.cli`; training lives in :mod:`sharnn_fast.training`.
+
+The names are imported on first use (PEP 562), so that ``import sharnn_fast.cli`` stays light: the
+``sharnn`` command installs its signal handlers before torch is imported (README, Training).
 """
-from . import ops
-from ._native import build_info
-from .autotuning import autotune, autotune_model, clear_autotune_cache
-from .backend import BackendUnavailableError, explain, get_backend, set_backend
-from .model import SHARNN
-from .training.checkpoint import load_checkpoint
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["SHARNN", "ops", "set_backend", "get_backend", "explain", "build_info",
-           "BackendUnavailableError", "load_checkpoint", "autotune", "autotune_model",
-           "clear_autotune_cache", "__version__"]
+# name -> the module that defines it (a module itself when the name is the module's).
+_EXPORTS = {
+    "SHARNN": ".model", "ops": ".ops", "build_info": "._native", "autotune": ".autotuning",
+    "autotune_model": ".autotuning", "clear_autotune_cache": ".autotuning",
+    "BackendUnavailableError": ".backend", "explain": ".backend", "get_backend": ".backend",
+    "set_backend": ".backend", "load_checkpoint": ".training.checkpoint",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from . import ops
+    from ._native import build_info
+    from .autotuning import autotune, autotune_model, clear_autotune_cache
+    from .backend import BackendUnavailableError, explain, get_backend, set_backend
+    from .model import SHARNN
+    from .training.checkpoint import load_checkpoint
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name], __name__)
+    value = module if name == "ops" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Optional
 
 EXAMPLES = """\
 examples:
@@ -83,6 +86,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      "(default: the preset's, 5512 as published). With --resume: dropout and lengths start "
                      "afresh from it (the weights and optimizer continue); without, the resume is exact")
     run.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default: cuda if available)")
+    _add_threads(run)
     run.add_argument("--precision", default=S, metavar="fp32|bf16|fp16",
                      help="autocast dtype (default: fp16 on a GPU, as published and the fastest there, with a "
                      "GradScaler; fp32 on a CPU)")
@@ -130,6 +134,12 @@ def _add_inference_backend(p: argparse.ArgumentParser) -> None:
                    "it can run here, else auto)")
 
 
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads of torch's ops (default: OMP_NUM_THREADS if set, else this machine's "
+                   "cores less those other programs keep busy, by the 1-minute load average; at least 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sharnn", description="Train and evaluate SHA-RNN byte-level language models "
                      "(Merity 2019) with sharnn_fast.", epilog=EXAMPLES,
@@ -167,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns, of all processes together under torchrun, so that any number of "
                    "processes scores the same bytes (default 10; 1 scores every byte, with the longest context)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _add_threads(p)
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype (default: fp16 on a GPU, fp32 on a CPU)")
     _add_inference_backend(p)
@@ -192,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="always the most likely byte (no sampling; not with --temperature/--top-k/--top-p/--seed)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _add_threads(p)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="bf16/fp16: autocast (default fp32)")
     _add_inference_backend(p)
@@ -209,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from .training import train
+    from .training.distributed import set_cpu_threads
     from .training.config import parse_attn_layers
     from .training.data import parse_split
 
+    set_cpu_threads(args.threads)
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "preset", "save", "resume", "overwrite")}
+                 if k not in ("command", "preset", "save", "resume", "overwrite", "threads")}
     if "attn_layers" in overrides:
         overrides["attn_layers"] = parse_attn_layers(overrides["attn_layers"])
     if "split" in overrides:
@@ -241,9 +255,11 @@ def _prepare(args) -> int:
 
 
 def _eval(args) -> int:
+    from .training.distributed import set_cpu_threads
     from .training.loop import evaluate_checkpoint
     from .training.report import strict_json
 
+    set_cpu_threads(args.threads)
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
                                  device=args.device, precision=args.precision, backend=args.backend)
     if os.environ.get("RANK", "0") != "0":
@@ -258,6 +274,7 @@ def _eval(args) -> int:
 
 def _generate(args) -> int:
     from .generation import generate_text
+    from .training.distributed import set_cpu_threads
     from .training.errors import UserInputError
 
     sampling = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
@@ -265,6 +282,7 @@ def _generate(args) -> int:
     if args.greedy and sampling:
         raise UserInputError(f"--greedy takes the most likely byte every time; {', '.join(sampling)} "
                              "would have no effect: drop one or the other")
+    set_cpu_threads(args.threads)
     if args.prompt is not None:
         prompt = _prompt_bytes(args.prompt)
     else:
@@ -308,12 +326,40 @@ COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "generate": _ge
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``sharnn`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    prog = f"sharnn {args.command}"
-    from .backend import BackendUnavailableError
-    from .training.errors import UserInputError
-    from .training.loop import TrainingDiverged
+    """Entry point of the ``sharnn`` console script; returns the exit status.
+
+    Signals are handled from the first line: while the parser and torch load, SIGINT and SIGTERM
+    are held (a KeyboardInterrupt inside torch's import can abort the process) and acted on as soon
+    as that is done; from then on they interrupt the command, which says so in one line and exits
+    with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). `sharnn train` catches them itself
+    while it trains: it saves and stops after the step (README, Training)."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+        return _main(argv, None)
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(argv, held)
+    finally:  # as they were (main may run inside another program, a test say)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv, held: Optional[list]) -> int:
+    prog = "sharnn"
+    try:
+        args = build_parser().parse_args(argv)
+        prog = f"sharnn {args.command}"
+        from .backend import BackendUnavailableError
+        from .training._io import WriteError
+        from .training.errors import Interrupted, StorageError, UserInputError
+        from .training.loop import TrainingDiverged
+    finally:
+        if held is not None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _interrupt)
+    if held:
+        return _interrupted(prog, held[0], "before it started")
 
     try:
         _check_environment()
@@ -321,12 +367,13 @@ def main(argv=None) -> int:
     except (UserInputError, BackendUnavailableError) as err:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, StorageError, WriteError) as err:
         print(f"{prog}: {_one_line(err)}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        return _interrupted(prog, err.signum, err.detail)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(prog, signal.SIGINT, "")
     except BrokenPipeError:  # stdout's reader stopped reading (`sharnn generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 128 + 13  # as if killed by SIGPIPE, what a shell reports for `cat file | head`
@@ -348,6 +395,18 @@ def _check_environment() -> None:
         _env.check()
     except ValueError as err:
         raise UserInputError(str(err)) from None
+
+
+def _interrupt(signum, frame):
+    from .training.errors import Interrupted
+    raise Interrupted(signum)
+
+
+def _interrupted(prog: str, signum: int, detail: str) -> int:
+    name = signal.Signals(signum).name
+    print(f"{prog}: interrupted by {name}" + (f" {detail}" if detail.startswith("before") else
+                                               f": {detail}" if detail else ""), file=sys.stderr)
+    return 128 + int(signum)
 
 
 def _one_line(err: BaseException) -> str:

@@ -67,6 +67,40 @@ def resolve_device(device: str | None, local_rank: int | None = None) -> torch.d
     return device
 
 
+def cpu_threads(requested: int | None = None) -> tuple[int, str]:
+    """How many threads torch's CPU ops should use in this process, and why (for the start-up line).
+
+    requested (``--threads``) wins; else ``OMP_NUM_THREADS`` when set (torch already follows it);
+    else this process's share of the cores it may run on (``os.sched_getaffinity``; under torchrun
+    the local processes share them) less the cores other programs keep busy (the 1-minute load
+    average, which lags by about a minute), at least 1. PyTorch's own default, one thread per core,
+    is several times slower than one thread on cores that other programs load (README, Training:
+    measured there).
+    """
+    if requested is not None:
+        return requested, "--threads"
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if from_env.isdigit() and int(from_env) >= 1:
+        return int(from_env), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return share, f"{cores} cores"
+    idle = int(cores - load + 0.5)
+    threads = max(1, min(share, idle))
+    return threads, f"{cores} cores, load {load:.1f}"
+
+
+def set_cpu_threads(requested: int | None = None) -> str:
+    """Apply :func:`cpu_threads` to torch (``torch.set_num_threads``); returns e.g. "2 CPU threads
+    (2 cores, load 0.1)"."""
+    threads, why = cpu_threads(requested)
+    torch.set_num_threads(threads)
+    return f"{threads} CPU thread{'s' if threads != 1 else ''} ({why})"
+
+
 def barrier(ctx: Context) -> None:
     """Wait for every rank. Called before a clean teardown: a rank that leaves the group while
     another still talks to it aborts in gloo ("terminate called without an active exception")."""

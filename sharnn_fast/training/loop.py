@@ -31,7 +31,8 @@ from .checkpoint import (check_architecture, describe_tensors, load_weights, mod
 from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
                      validate)
 from .data import BatchStream, check_same_data, load_corpus
-from .errors import UserInputError
+from ._io import WriteError
+from .errors import Interrupted, StorageError, UserInputError
 from .optim import build_optimizer, learning_rate, optimizer_state_problem
 from .report import MetricsLog, Progress, bits_per_byte, summary_text
 from .run_folder import RunFolder, complete_run_message
@@ -437,8 +438,14 @@ class Trainer:
     def _log(self, event: Optional[dict]) -> None:
         if event is not None:
             self.progress.log(event)
-            if self.metrics is not None:
+            self._write_metrics(event)
+
+    def _write_metrics(self, event: dict) -> None:
+        if self.metrics is not None:
+            try:
                 self.metrics.write(event)
+            except WriteError as err:
+                raise StorageError(f"{err}; stopped at step {self.step}{self._intact()}") from err
 
     def evaluate_split(self, split: str) -> dict:
         started = time.perf_counter()
@@ -471,10 +478,18 @@ class Trainer:
         self.check_weights()
         payload = self.checkpoint_payload()
         if self.ctx.is_main:
-            save_checkpoint(self.save_dir / "last.pt", payload)
-            if best:
-                save_checkpoint(self.save_dir / "best.pt", payload)
+            try:
+                save_checkpoint(self.save_dir / "last.pt", payload)
+                if best:
+                    save_checkpoint(self.save_dir / "best.pt", payload)
+            except WriteError as err:
+                raise StorageError(f"{err}; stopped at step {self.step}{self._intact()}") from err
         self.last_good = (self.save_dir / "last.pt", self.step)
+
+    def _intact(self) -> str:
+        if self.last_good is None:
+            return " (no checkpoint was saved before)"
+        return f"; {self.last_good[0]} (step {self.last_good[1]}) is intact"
 
     def check_weights(self) -> None:
         """Raise TrainingDiverged if a weight is NaN or inf (a step whose loss and gradient were
@@ -498,6 +513,7 @@ class Trainer:
         """Train until --max-steps or --epochs, a signal, or a NaN; returns the summary dict
         (``exit_code`` 0 when finished, 128 + signal number when stopped by SIGINT/SIGTERM)."""
         self._started = self._last_log_time = time.perf_counter()
+        self.progress.message(self.startup_line())
         for notice in self.notices:
             self.progress.message(f"note: {notice}")
         with self._signals_caught(), self._autotuning():
@@ -510,7 +526,10 @@ class Trainer:
             finally:
                 self.progress.close()
         if self.stop_signal:
-            self.save()
+            try:
+                self.save()
+            except StorageError as err:  # still the signal's exit status (143 for SIGTERM)
+                raise Interrupted(self.stop_signal, str(err)) from err
             return self._summary(stopped=f"stopped by {signal.Signals(self.stop_signal).name}",
                                  exit_code=128 + int(self.stop_signal))
         valid = self.last_valid
@@ -518,6 +537,18 @@ class Trainer:
             valid = self.validate_and_save()
         test = self.evaluate_split("test")
         return self._summary(stopped="finished", valid=valid, test=test, exit_code=0)
+
+    def startup_line(self) -> str:
+        """What runs, printed before the first step: preset, device, CPU threads, precision,
+        backend, data and where the checkpoints go."""
+        c = self.config
+        processes = f" x {self.ctx.world_size} processes" if self.ctx.world_size > 1 else ""
+        threads = torch.get_num_threads()
+        start = f"from step {self.step:,}" if self.step else "from scratch"
+        return (f"sharnn train: preset {c.preset}, {self.device}{processes}, {threads} CPU thread"
+                f"{'s' if threads != 1 else ''}, {self.precision}, backend {c.backend or 'auto'}"
+                f"{' (autotuned at the first step)' if self.autotune else ''}, {start}; data: "
+                f"{self.data_description}; saving to {self.save_dir if self.save_dir is not None else 'nowhere'}")
 
     @contextlib.contextmanager
     def _autotuning(self):
@@ -561,8 +592,7 @@ class Trainer:
             self.autotune_reported = True
             event = self.report_autotuning(autotuning.tuning_seconds() - tuned_before,
                                            (self.tokens - tokens_before) // self.global_batch)
-            if self.metrics is not None:
-                self.metrics.write(event)
+            self._write_metrics(event)
         self.progress.step()
         if self.step % c.log_interval == 0:
             self._log(self.flush())
@@ -583,7 +613,11 @@ class Trainer:
 
         def handler(signum, frame):
             if self.stop_signal:
-                raise KeyboardInterrupt
+                if self.last_good is None:
+                    raise Interrupted(signum, "stopped at once, before any checkpoint was saved")
+                path, step = self.last_good
+                raise Interrupted(signum, f"stopped at once, without saving: {path} holds step {step}; "
+                                          f"resume with sharnn train --resume {path}")
             self.stop_signal = signum
             self.progress.message(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
                                   f"(again to stop at once)")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ._io import WriteError, write_failure
 from .errors import UserInputError
 
 METRICS_NAME = "metrics.jsonl"
@@ -78,9 +79,13 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, event: dict) -> None:
+        """Append one event. Raises WriteError when the storage fails (a full disk, say)."""
         if self.enabled:
-            with open(self.path, "a") as out:
-                out.write(strict_json(event) + "\n")
+            try:
+                with open(self.path, "a") as out:
+                    out.write(strict_json(event) + "\n")
+            except OSError as err:
+                raise WriteError(f"{write_failure(err, self.path)}: could not write {self.path}") from err
 
 
 def strict_json(event: dict) -> str:

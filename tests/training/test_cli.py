@@ -3,10 +3,12 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from sharnn_fast.training import read_checkpoint
 from training_helpers import ROOT, SMALL, assert_one_line_error, run_sharnn, sharnn_env
 
 
@@ -252,3 +254,152 @@ def test_more_bad_input_that_was_an_internal_error_gets_one_line(tmp_path, corpu
     ]
     for args, fragments in cases:
         assert_one_line_error(run_sharnn(*args), *fragments)
+
+
+def test_cpu_threads_default_leaves_busy_cores_alone(monkeypatch):
+    """--threads wins, then OMP_NUM_THREADS, then the cores this process may use less the load."""
+    from sharnn_fast.training import distributed
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for load, expected in [(0.0, 4), (0.4, 4), (1.6, 2), (3.9, 1), (12.0, 1)]:
+        monkeypatch.setattr(distributed.os, "getloadavg", lambda load=load: (load, load, load))
+        assert distributed.cpu_threads()[0] == expected, load
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two local processes share the cores
+    assert distributed.cpu_threads()[0] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.cpu_threads() == (3, "OMP_NUM_THREADS")
+    assert distributed.cpu_threads(1) == (1, "--threads")
+
+
+def test_train_says_what_runs_before_the_first_step(tmp_path, corpus_file):
+    save = tmp_path / "run"
+    result = run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "1", "--threads", "1",
+                        "--save", save)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    for fragment in ("sharnn train: preset tiny", "cpu", "1 CPU thread,", "fp32", "backend auto",
+                     "from scratch", "data: ", f"saving to {save}"):
+        assert fragment in first, (fragment, first)
+    assert "step 1" in result.stdout.splitlines()[1]  # the line comes before the first step
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_threads_flag_is_checked(command):
+    extra = [] if command == "train" else ["--checkpoint", "x.pt"] + (["--prompt", "a"] if command == "generate" else [])
+    assert_one_line_error(run_sharnn(command, *extra, "--threads", "0"), "--threads", "expected a positive integer")
+
+
+def _train_process(tmp_path, corpus_file, *extra):
+    return subprocess.Popen([sys.executable, "-m", "sharnn_fast", "train", *map(str, SMALL), "--data",
+                             str(corpus_file), "--max-steps", "100000", "--eval-interval", "100000",
+                             "--save", str(tmp_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sharnn_env(), cwd=ROOT)
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.8, 1.3, 2.0])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_in_the_first_seconds_stops_with_one_line(tmp_path, corpus_file, sig, delay):
+    """Whatever the command is doing when the signal comes (importing torch, reading the data,
+    building the model, the first steps): exit 128 + signal, never a traceback, never ignored."""
+    process = _train_process(tmp_path, corpus_file)
+    try:
+        time.sleep(delay)
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + sig, (process.returncode, stdout[-2000:], stderr[-2000:])
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    assert f"interrupted by {sig.name}" in stderr or f"stopped by {sig.name}" in stdout, (stdout, stderr)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_at_once_and_says_how_to_resume(tmp_path, corpus_file, sig):
+    """The first signal asks for a save after the step; a second one during that step (slow steps:
+    a wider model) stops at once, naming the checkpoint to resume from. 130 for SIGINT, 143 for
+    SIGTERM."""
+    process = _train_process(tmp_path, corpus_file, "--eval-interval", "2", "--emsize", "256", "--nhid", "2048",
+                             "--bptt", "64", "--threads", "1")
+    try:
+        for line in process.stdout:  # past the first checkpoint (step 2)
+            if line.startswith("step 3/"):
+                break
+        process.send_signal(sig)
+        for line in process.stdout:
+            if "saving a checkpoint after this step" in line:
+                break
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + sig, (process.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and f"interrupted by {sig.name}: stopped at once, without saving: " in lines[0], stderr
+    assert f"last.pt holds step" in lines[0] and f"--resume {tmp_path / 'last.pt'}" in lines[0], lines[0]
+
+
+def _full_disk_after(monkeypatch, saves_that_succeed: int):
+    """torch.save of checkpoints writes part of the file and then fails as it does on a full disk
+    (torch's writer reports the short write as "unexpected pos"), after the first N saves, with
+    the folder's device reporting no free space. Appending to metrics.jsonl fails with ENOSPC."""
+    import errno
+    from collections import namedtuple
+
+    from sharnn_fast.training import _io, checkpoint, report
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= saves_that_succeed:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK" + bytes(1000))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_io.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    real_open = open
+
+    def metrics_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode and len(calls) > saves_that_succeed:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(report, "open", metrics_open, raising=False)
+
+
+def test_a_full_disk_says_so_and_names_the_intact_checkpoint(tmp_path, corpus_file, capsys, monkeypatch):
+    _full_disk_after(monkeypatch, saves_that_succeed=2)  # last.pt and best.pt at step 2
+    result = run_main(capsys, "train", *SMALL, "--data", corpus_file, "--max-steps", "8",
+                      "--eval-interval", "2", "--save", tmp_path)
+    status, out, err = result.returncode, result.stdout, result.stderr
+    assert status == 1, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in err, err
+    assert f"no space left on the device holding {tmp_path}: could not write {tmp_path}" in lines[0], lines[0]
+    assert f"{tmp_path / 'last.pt'} (step 2) is intact" in lines[0], lines[0]
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / "last.pt")["progress"]["step"] == 2  # loads: still the good one
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the partial file is gone
+
+
+def test_sigterm_on_a_full_disk_still_exits_143(tmp_path, corpus_file, capsys, monkeypatch):
+    """The signal asks for a save, the save fails: the exit status is still the signal's."""
+    import os
+
+    from sharnn_fast.training.loop import Trainer
+    _full_disk_after(monkeypatch, saves_that_succeed=0)
+    real_step = Trainer.train_step
+
+    def step_then_signal(self):
+        real_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the trainer's handler
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    result = run_main(capsys, "train", *SMALL, "--data", corpus_file, "--max-steps", "50",
+                      "--eval-interval", "100", "--log-interval", "100", "--save", tmp_path)
+    status, out, err = result.returncode, result.stdout, result.stderr
+    assert status == 143, (out, err)
+    assert "interrupted by SIGTERM: no space left on the device holding" in err, err
+    assert "no checkpoint was saved before" in err and "Traceback" not in err
