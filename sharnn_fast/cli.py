@@ -170,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dynamic evaluation (Krause et al. 2018, \"Dynamic Evaluation of Neural Sequence Models\", section 4)",
         "After the static pass, the split is read again in segments of --dynamic-bptt bytes: each is scored "
         "with the weights as they are, then one gradient step on it adapts them, so the model only learns "
-        "from text it has already scored. rms: theta -= lr * g / (sqrt(MS) + 0.1 mean(sqrt(MS))), MS the mean "
-        "squared gradient over --dynamic-stats-segments segments of the train split; sgd: theta -= lr * g; both then "
-        "pull back towards the trained weights by --dynamic-decay (rms: scaled per weight by sqrt(MS) over "
-        "its mean, capped at 1). Dropout is off. The checkpoint is only read. fp16 scales the loss (a "
-        "GradScaler); under torchrun the gradients are summed over the processes. Formulas and measured "
-        "gains: README.md, \"Dynamic evaluation\".")
+        "from text it has already scored. rms: theta -= lr * g / (sqrt(MS) + 0.1 mean(sqrt(MS))), MS the "
+        "mean squared gradient over --dynamic-stats-segments segments of the train split; sgd: theta -= "
+        "lr * g; both then pull back towards the trained weights by --dynamic-decay (rms: scaled per weight "
+        "by sqrt(MS) over its mean, never past the trained weights). Dropout is off. The checkpoint is only "
+        "read. fp16 scales the loss (a GradScaler); under torchrun the gradients are summed over the "
+        "processes. Formulas and measured gains: README.md, \"Dynamic evaluation\".")
     dyn.add_argument("--dynamic", action="store_true", help="also evaluate dynamically; print both bpc")
     dyn.add_argument("--dynamic-method", choices=("rms", "sgd"), default=None,
                      help="update rule (default rms, the paper's)")

@@ -145,7 +145,8 @@ class DynamicUpdate(torch.optim.Optimizer):
     parameter, in order). Remembers the weights it starts from as theta_g; restore() puts them back.
     step() returns True (torch.amp.GradScaler.step returns None for a step it skipped)."""
 
-    def __init__(self, params, *, lr: float, decay: float, mean_squares: Optional[list] = None, eps: float = DEFAULT_EPS):
+    def __init__(self, params, *, lr: float, decay: float, mean_squares: Optional[list] = None,
+                 eps: float = DEFAULT_EPS):
         super().__init__(params, dict(lr=lr, decay=decay))
         params = [p for group in self.param_groups for p in group["params"]]
         for p in params:
