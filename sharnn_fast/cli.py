@@ -24,6 +24,8 @@ examples:
   sharnn train --resume runs/paper/best.pt --lr 1e-3 --seed 125 --epochs 37 --save runs/paper-stage2
                                                 # the paper's second stage: 5 more epochs
   sharnn eval --checkpoint runs/paper/best.pt --split test --batch-size 1 --json
+  sharnn eval --checkpoint runs/paper/best.pt --split test --batch-size 1 --dynamic
+                                                # static and dynamic evaluation side by side
   sharnn generate --checkpoint runs/paper/best.pt --prompt "The " --max-new-tokens 500 --top-p 0.95
   sharnn plot runs/paper
 """
@@ -55,6 +57,8 @@ _positive_float = _checked(float, lambda v: 0 < v < float("inf"),
                            "a number > 0 (for the most likely byte every time, use --greedy)")
 _on_off = _checked(lambda text: {"on": True, "off": False}.get(text), lambda v: v is not None, "on or off")
 _probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_learning_rate = _checked(float, lambda v: 0 < v < float("inf"), "a learning rate > 0")
+_unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -169,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "state and the attention memory across the whole split as the published "
                             "evaluation does. The split is cut into --batch-size columns; as in the "
                             "published batchify, the last (length mod batch size) bytes are left out, so "
-                            "--batch-size 1 scores every byte (and gives each the longest context).")
+                            "--batch-size 1 scores every byte (and gives each the longest context). "
+                            "--dynamic adds dynamic evaluation (below).")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by sharnn train")
     p.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
     p.add_argument("--split", default="valid", choices=("valid", "test", "train"), help="default valid")
@@ -181,7 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype (default: fp16 on a GPU, fp32 on a CPU)")
     _add_inference_backend(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, ...)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (split, bpc, loss, tokens, "
+                   "tokens_per_s, ...; with --dynamic also \"dynamic\": its bpc, tokens_per_s and settings)")
+    dyn = p.add_argument_group(
+        "dynamic evaluation (Krause et al. 2018, \"Dynamic Evaluation of Neural Sequence Models\", section 4)",
+        "After the static pass, the split is read again in segments of --dynamic-bptt bytes: each is scored "
+        "with the weights as they are, then one gradient step on it adapts them, so the model only learns "
+        "from text it has already scored. rms: theta -= lr * g / (sqrt(MS) + 0.1 mean(sqrt(MS))), MS the "
+        "mean squared gradient over --dynamic-stats-segments segments of the train split; sgd: theta -= "
+        "lr * g; both then pull back towards the trained weights by --dynamic-decay (rms: scaled per weight "
+        "by sqrt(MS) over its mean, never past the trained weights). Dropout is off. The checkpoint is only "
+        "read. fp16 scales the loss (a GradScaler); under torchrun the gradients are summed over the "
+        "processes. Formulas and measured gains: README.md, \"Dynamic evaluation\".")
+    dyn.add_argument("--dynamic", action="store_true", help="also evaluate dynamically; print both bpc")
+    dyn.add_argument("--dynamic-method", choices=("rms", "sgd"), default=None,
+                     help="update rule (default rms, the paper's)")
+    dyn.add_argument("--dynamic-lr", type=_learning_rate, default=None, metavar="ETA",
+                     help="step size eta > 0 (default 5e-4 for rms, 0.1 for sgd: chosen on the tiny preset's "
+                     "valid split)")
+    dyn.add_argument("--dynamic-decay", type=_unit_interval, default=None, metavar="LAMBDA",
+                     help="pull towards the trained weights per step, in [0, 1] (default 0.02, the published "
+                     "setting)")
+    dyn.add_argument("--dynamic-bptt", type=_positive_int, default=None, metavar="N",
+                     help="segment length in bytes, one update per segment (default: 128, or the "
+                     "checkpoint's bptt if smaller)")
+    dyn.add_argument("--dynamic-stats-segments", type=_positive_int, default=None, metavar="K",
+                     help="train-split segments the rms statistics average over (default 100)")
 
     p = commands.add_parser("generate", help="continue a prompt with a checkpoint, streaming the text",
                             description="Continue a prompt with a checkpoint from `sharnn train`, writing "
@@ -255,20 +285,39 @@ def _prepare(args) -> int:
 
 
 def _eval(args) -> int:
+    from .training.dynamic import DynamicEval
     from .training.distributed import set_cpu_threads
+    from .training.errors import UserInputError
     from .training.loop import evaluate_checkpoint
     from .training.report import strict_json
 
+    settings = dict(method=args.dynamic_method, lr=args.dynamic_lr, decay=args.dynamic_decay, bptt=args.dynamic_bptt,
+                    stats_segments=args.dynamic_stats_segments)
+    given = [f"--dynamic-{name.replace('_', '-')}" for name, value in settings.items() if value is not None]
+    if given and not args.dynamic:
+        raise UserInputError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to dynamic "
+                             f"evaluation: add --dynamic")
     set_cpu_threads(args.threads)
+    dynamic = DynamicEval(**{k: v for k, v in settings.items() if v is not None}) if args.dynamic else None
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
-                                 device=args.device, precision=args.precision, backend=args.backend)
+                                 device=args.device, precision=args.precision, backend=args.backend,
+                                 dynamic=dynamic, progress=not args.json)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun every rank holds the same result; rank 0 prints it
     if args.json:
         print(strict_json(result))
-    else:
-        print(f"{result['split']}: {result['bpc']:.4f} bpc ({result['loss']:.4f} nats per byte) over "
-              f"{result['tokens']:,} bytes; {result['checkpoint']} (step {result['step']:,}); {result['data']}")
+        return 0
+    print(f"{result['split']}: {result['bpc']:.4f} bpc ({result['loss']:.4f} nats per byte) over "
+          f"{result['tokens']:,} bytes at {result['tokens_per_s']:,.0f} tokens/s; {result['checkpoint']} "
+          f"(step {result['step']:,}); {result['data']}")
+    d = result.get("dynamic")
+    if d is not None:
+        stats = (f", statistics over {d['stats_segments']} train segments ({d['stats_seconds']:.1f} s)"
+                 if d["method"] == "rms" else "")
+        skipped = f", {d['skipped_updates']} fp16 updates skipped (overflow)" if d["skipped_updates"] else ""
+        print(f"{result['split']}: {d['bpc']:.4f} bpc dynamic ({d['bpc'] - result['bpc']:+.4f} against static) at "
+              f"{d['tokens_per_s']:,.0f} tokens/s; {d['method']}, lr {d['lr']:g}, decay {d['decay']:g}, "
+              f"segments of {d['bptt']} bytes ({d['updates']:,} updates{skipped}){stats}")
     return 0
 
 

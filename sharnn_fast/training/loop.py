@@ -34,7 +34,7 @@ from .data import BatchStream, check_same_data, load_corpus
 from ._io import WriteError
 from .errors import Interrupted, StorageError, UserInputError
 from .optim import build_optimizer, learning_rate, optimizer_state_problem
-from .report import MetricsLog, Progress, bits_per_byte, summary_text
+from .report import MetricsLog, Progress, bits_per_byte, progress_bar, summary_text
 from .run_folder import RunFolder, complete_run_message
 
 
@@ -112,33 +112,74 @@ def _detach(hidden, mems):
             [m.detach() if torch.is_tensor(m) else [] for m in mems])
 
 
-@torch.no_grad()
+def score_segments(model, stream: BatchStream, *, bptt: int, precision: str = "fp32",
+                   ctx: Optional[distributed.Context] = None, adapt=None, max_segments: Optional[int] = None,
+                   keep_losses: bool = False, progress: Optional[str] = None) -> dict:
+    """Score a split segment by segment, in order, with the state (hidden and attention memory)
+    carried across the whole split as the published evaluate does; the model in eval mode (no
+    dropout). The one loop behind static and dynamic evaluation (:mod:`.dynamic`).
+
+    Segments of ``bptt`` bytes (the last one shorter), at most ``max_segments`` of them. Each is
+    scored first; then, when ``adapt`` is given, the forward graph is kept and ``adapt(loss)`` is
+    called with the segment's mean loss over all processes' columns (a 0-dim float32 tensor whose
+    backward gives this rank's share of the gradient), so that an update only ever follows the
+    scoring of the text it learns from. Without ``adapt`` no graph is built.
+
+    Returns ``{"loss": mean nats per byte (all ranks), "tokens": bytes scored (all ranks),
+    "seconds", "losses": [positions, B] float32 nats of this rank's columns on the CPU (only with
+    keep_losses)}``. ``progress``: a tqdm bar with this description on rank 0 when stderr is a
+    terminal. bpc = loss / ln 2."""
+    device = model.decoder.weight.device
+    ctx = ctx or distributed.Context(rank=0, world_size=1, local_rank=0, device=device)
+    was_training = model.training
+    model.eval()
+    columns = int(distributed.all_reduce(torch.tensor(stream.batch_size, device=ctx.device), ctx).item())
+    starts = range(0, stream.length - 1, bptt)[:max_segments]
+    bar = progress_bar(progress, total=columns * (min(stream.length - 1, len(starts) * bptt)),
+                       enabled=progress is not None and ctx.is_main)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    kept = []
+    hidden = mems = None
+    started = time.perf_counter()
+    try:
+        for position in starts:
+            x, y = stream.segment(position, bptt, device)
+            with torch.set_grad_enabled(adapt is not None):
+                with autocast_context(device, precision):
+                    h, hidden, mems, _, _ = model(x, hidden=hidden, mems=mems)
+                    logits = model.decoder(h)  # [T, B, V]
+                nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                segment_total = nats.sum()
+            total += segment_total.detach()
+            count += y.numel()
+            if keep_losses:
+                kept.append(nats.detach().view(y.shape).cpu())
+            if adapt is not None:
+                adapt(segment_total / (y.size(0) * columns))
+                hidden, mems = _detach(hidden, mems)
+            bar.update(y.size(0) * columns)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if ctx.enabled:
+        summed = distributed.all_reduce(torch.stack([total, total.new_tensor(count)]), ctx)
+        total, count = summed[0], int(summed[1].item())
+    result = dict(loss=total.item() / count, tokens=count, seconds=time.perf_counter() - started)
+    if keep_losses:
+        result["losses"] = torch.cat(kept)
+    return result
+
+
 def evaluate(model, stream: BatchStream, *, bptt: int, precision: str = "fp32",
              ctx: Optional[distributed.Context] = None) -> tuple[float, int]:
     """Mean cross-entropy (nats per byte) of the next byte over a whole split, and the number of
     bytes predicted (all ranks). Segments of ``bptt`` bytes, state (hidden and memory) carried
     across the whole split as the published evaluate does, model in eval mode (no dropout).
-    Every column contributes its ``length - 1`` predictions. bpc = loss / ln 2."""
-    device = model.decoder.weight.device
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    hidden = mems = None
-    try:
-        for position in range(0, stream.length - 1, bptt):
-            x, y = stream.segment(position, bptt, device)
-            with autocast_context(device, precision):
-                h, hidden, mems, _, _ = model(x, hidden=hidden, mems=mems)
-                logits = model.decoder(h)
-            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    if ctx is not None and ctx.enabled:
-        summed = distributed.all_reduce(torch.stack([total, total.new_tensor(count)]), ctx)
-        total, count = summed[0], int(summed[1].item())
-    return total.item() / count, count
+    Every column contributes its ``length - 1`` predictions. bpc = loss / ln 2. Dynamic
+    evaluation: :func:`sharnn_fast.training.dynamic.evaluate_dynamic`."""
+    result = score_segments(model, stream, bptt=bptt, precision=precision, ctx=ctx)
+    return result["loss"], result["tokens"]
 
 
 class Trainer:
@@ -746,9 +787,13 @@ def train(preset: Optional[str] = None, overrides: Optional[dict] = None, *, sav
 
 def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: int = 10,
                         device: Optional[str] = None, precision: Optional[str] = None,
-                        backend: Optional[str] = None) -> dict:
+                        backend: Optional[str] = None, dynamic=None, progress: bool = False) -> dict:
     """Bits per byte of a checkpoint on one split: ``{"split", "bpc", "loss" (nats per byte),
-    "tokens" (bytes predicted), "checkpoint", "step", "data", "processes"}``.
+    "tokens" (bytes predicted), "seconds", "tokens_per_s", "checkpoint", "step", "data",
+    "processes", "precision"}``, and with ``dynamic`` (a :class:`~.dynamic.DynamicEval`) also
+    ``"dynamic"``: the same split evaluated dynamically (see
+    :func:`~.dynamic.evaluate_dynamic` for its fields), after the static pass, from the same
+    weights. The checkpoint file is only read.
 
     data: a prepared folder or a file; None uses the data the checkpoint was trained on. Segments
     of the checkpoint's bptt, state carried across the split (see :func:`evaluate`), ``batch_size``
@@ -757,14 +802,21 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
     out among them, so any number of processes scores the same bytes (and gives the same bpc, to
     float rounding); every rank returns the same result. precision: None is fp32 on a CPU, fp16 on
     a GPU (:func:`~.config.default_precision`). backend: None is the checkpoint's where it runs,
-    else auto (see :func:`~.checkpoint.model_from_checkpoint`).
+    else auto (see :func:`~.checkpoint.model_from_checkpoint`). Dynamic evaluation with the rms
+    method takes its gradient statistics from the train split of the same data, cut into the same
+    columns. progress: tqdm bars on rank 0 when stderr is a terminal.
 
-    Raises UserInputError: a bad argument, checkpoint or data; fewer columns than processes.
+    Raises UserInputError: a bad argument, checkpoint or data; fewer columns than processes; the
+    rms method on the train split (its statistics would see text before it is scored).
     """
     if split not in ("train", "valid", "test"):
         raise UserInputError(f"--split must be train, valid or test, got {split!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserInputError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if dynamic is not None and dynamic.method == "rms" and split == "train":
+        raise UserInputError("--dynamic-method rms collects its gradient statistics on the train split, so it "
+                             "cannot evaluate the train split without seeing text before scoring it: use "
+                             "--split valid or test, or --dynamic-method sgd")
     payload = read_checkpoint(path)
     config = TrainConfig.from_dict(payload["config"])
     ctx = distributed.setup(device)
@@ -773,15 +825,36 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
         if precision == "fp16" and ctx.device.type != "cuda":
             raise UserInputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
         corpus = load_corpus(data if data is not None else config.data, config.split)
-        stream = BatchStream(corpus.splits[split], batch_size, rank=ctx.rank, world_size=ctx.world_size, split=split,
-                             watch=corpus.watches[split], shared=True)
+
+        def columns_of(name):
+            return BatchStream(corpus.splits[name], batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                               split=name, watch=corpus.watches[name], shared=True)
+        stream = columns_of(split)
         model = model_from_checkpoint(payload, path, ctx.device, backend)
-        loss, count = evaluate(model, stream, bptt=config.bptt, precision=precision, ctx=ctx)
+        static = score_segments(model, stream, bptt=config.bptt, precision=precision, ctx=ctx,
+                                progress="static evaluation" if progress else None)
+        adapted = None
+        if dynamic is not None:
+            from .dynamic import evaluate_dynamic  # here: dynamic.py builds on this module
+
+            adapted = evaluate_dynamic(model, stream, dynamic, bptt=config.bptt, precision=precision, ctx=ctx,
+                                       stats_stream=columns_of("train") if dynamic.method == "rms" else None,
+                                       progress=progress)
         distributed.barrier(ctx)
-        if not math.isfinite(loss):
-            raise UserInputError(f"{path}: the loss over the {split} split came out {loss} although every weight "
-                                 f"is finite (precision {precision}): an activation overflowed; try --precision fp32")
+        if not math.isfinite(static["loss"]):
+            raise UserInputError(f"{path}: the loss over the {split} split came out {static['loss']} although every "
+                                 f"weight is finite (precision {precision}): an activation overflowed; try "
+                                 f"--precision fp32")
+        if adapted is not None and not math.isfinite(adapted["loss"]):
+            raise UserInputError(f"{path}: dynamic evaluation diverged (its loss over the {split} split came out "
+                                 f"{adapted['loss']}; static: {bits_per_byte(static['loss']):.4f} bpc): try a "
+                                 f"smaller --dynamic-lr or a larger --dynamic-decay")
     finally:
         distributed.teardown(ctx)
-    return dict(split=split, bpc=bits_per_byte(loss), loss=loss, tokens=count, checkpoint=str(path),
-                step=payload["progress"]["step"], data=corpus.description, processes=ctx.world_size)
+    result = dict(split=split, bpc=bits_per_byte(static["loss"]), loss=static["loss"], tokens=static["tokens"],
+                  seconds=static["seconds"], tokens_per_s=static["tokens"] / max(static["seconds"], 1e-9),
+                  checkpoint=str(path), step=payload["progress"]["step"], data=corpus.description,
+                  processes=ctx.world_size, precision=precision)
+    if adapted is not None:
+        result["dynamic"] = adapted
+    return result

@@ -67,6 +67,25 @@ class Progress:
             self.bar = None
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(description: Optional[str], *, total: int, enabled: bool):
+    """A tqdm bar counting bytes (so its rate is tokens/s) on stderr, when ``enabled`` and stderr
+    is a terminal, as the training bar; else an object whose update and close do nothing."""
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, dynamic_ncols=True, leave=False,
+                file=sys.stderr)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, one line per log or evaluation event, each with at
     least step, split ("train", "valid" or "test"), loss (nats per byte), bpc, lr and tokens_per_s.

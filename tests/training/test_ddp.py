@@ -66,3 +66,21 @@ def test_eval_under_torchrun_scores_the_same_bytes_as_one_process(tmp_path, corp
     assert refused.returncode != 0
     # Each process says it in one line before torchrun's own report (which has torchrun's traceback).
     assert refused.stderr.startswith("sharnn eval: error: --batch-size 1 counts the columns of all processes")
+
+
+def test_dynamic_eval_under_torchrun_sums_the_gradients_as_one_process(tmp_path, corpus_file):
+    """--dynamic with 2 processes (2 + 1 columns): the gradients are summed over the processes, so
+    the weights adapt as in one process and the dynamic bpc is the same to float rounding."""
+    trained = run_sharnn("train", *SMALL, "--data", corpus_file, "--max-steps", "20", "--save", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    ckpt = tmp_path / "run" / "last.pt"
+    args = ("eval", "--checkpoint", ckpt, "--batch-size", "3", "--dynamic", "--dynamic-stats-segments", "10", "--json")
+    single = run_sharnn(*args)
+    assert single.returncode == 0, single.stderr
+    ddp = _torchrun(*args)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    lines = [line for line in ddp.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, ddp.stdout
+    one, two = json.loads(single.stdout)["dynamic"], json.loads(lines[0])["dynamic"]
+    assert (one["tokens"], one["updates"]) == (two["tokens"], two["updates"])
+    assert abs(one["bpc"] - two["bpc"]) < 1e-5, (one["bpc"], two["bpc"])
