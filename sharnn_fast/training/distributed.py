@@ -7,6 +7,7 @@ nothing here is specific to one node.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch

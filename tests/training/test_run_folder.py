@@ -236,7 +236,8 @@ def test_the_autotune_cache_and_the_embedded_corpus_get_the_umasks_mode(tmp_path
     monkeypatch.setattr(autotuning, "_disk", {})
     old = os.umask(umask)
     try:
-        autotuning._save_disk()
+        autotuning.cache_path().parent.mkdir(parents=True, exist_ok=True)
+        autotuning._write_atomically(autotuning.cache_path(), dict(format=autotuning.FORMAT, version=autotuning.VERSION, entries={}))
         corpus = data.default_corpus_file(data.MIN_DEFAULT_CORPUS_BYTES)
     finally:
         os.umask(old)
