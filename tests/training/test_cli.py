@@ -210,13 +210,13 @@ def test_a_checkpoint_that_does_not_fit_its_run_gets_one_line(tmp_path, corpus_f
         rewrite_checkpoint(last, tmp_path / f"{name}.pt", edit)
     assert_one_line_error(run_sharnn("eval", "--checkpoint", tmp_path / "nostep.pt"),  # was KeyError: 'step'
                           "nostep.pt is a malformed checkpoint: its progress has no step count")
-    assert_one_line_error(run_sharnn("train", "--resume", last, "--optimizer", "sgd", "--save", tmp_path / "r0"),
+    assert_one_line_error(run_sharnn("train", "--resume", last, "--optimizer", "sgd", "--save", tmp_path / "r0", "--max-steps", "3"),
                           "trained with --optimizer lamb", "cannot continue as --optimizer sgd")
-    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "narrow.pt", "--save", tmp_path / "r1"),
+    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "narrow.pt", "--save", tmp_path / "r1", "--max-steps", "3"),
                           "narrow.pt: its weights do not fit", "size mismatch for encoder.weight")
-    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "sgd.pt", "--save", tmp_path / "r2"),
+    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "sgd.pt", "--save", tmp_path / "r2", "--max-steps", "3"),
                           "sgd.pt: its optimizer state does not fit --optimizer sgd", "no dampening, momentum")
-    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "moment.pt", "--save", tmp_path / "r3"),
+    assert_one_line_error(run_sharnn("train", "--resume", tmp_path / "moment.pt", "--save", tmp_path / "r3", "--max-steps", "3"),
                           "moment.pt: its optimizer state does not fit", "exp_avg of a parameter of shape")
     assert_one_line_error(run_main(capsys, "eval", "--checkpoint", tmp_path / "narrow.pt"),
                           "size mismatch for encoder.weight")
