@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from published_sharnn import PublishedSHARNN
 from conftest import Variant
-from sharnn_fast import SHARNN, BackendUnavailableError, autotuning
+from sharnn_fast import SHARNN, BackendUnavailableError, autotune_model, autotuning
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Case:
                 with self.autocast(), contextlib.ExitStack() as stack:
                     if self.mode != "train":
                         stack.enter_context(torch.no_grad())
-                    autotuning.autotune_model(self.model, self.inputs, mems=self.mems)
+                    autotune_model(self.model, self.inputs, mems=self.mems)
                 autotuning.autotune(None)
             with self.tuning(), torch.no_grad():
                 self.logits()

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # name -> the module that defines it (a module itself when the name is the module's).
 _EXPORTS = {
     "SHARNN": ".model", "ops": ".ops", "build_info": "._native", "autotune": ".autotuning",
-    "autotune_model": ".autotuning", "clear_autotune_cache": ".autotuning",
+    "autotune_model": ".backend", "clear_autotune_cache": ".autotuning",
     "BackendUnavailableError": ".backend", "explain": ".backend", "get_backend": ".backend",
     "set_backend": ".backend", "load_checkpoint": ".training.checkpoint",
 }
@@ -28,8 +28,8 @@ __all__ = [*_EXPORTS, "__version__"]
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from . import ops
     from ._native import build_info
-    from .autotuning import autotune, autotune_model, clear_autotune_cache
-    from .backend import BackendUnavailableError, explain, get_backend, set_backend
+    from .autotuning import autotune, clear_autotune_cache
+    from .backend import BackendUnavailableError, autotune_model, explain, get_backend, set_backend
     from .model import SHARNN
     from .training.checkpoint import load_checkpoint
 

@@ -28,9 +28,13 @@ random number generators afterwards, and leaves the caller's autograd graph alon
 while torch.compile traces or while a CUDA graph is being captured: there the cached choice is
 used, or the static preference.
 
-The shape bucket (:func:`pow2`): every sequence length, batch size and token count rounded up to a
-power of two; every width (hidden size, head width, Boom width) exact. So the growing attention
-memory of a training run, or the last short segment of an epoch, reuses a choice.
+The shape bucket (``sharnn_fast.ops._buckets``, given by each op): every sequence length, batch size
+and token count rounded up to a power of two; every width (hidden size, head width, Boom width)
+exact. So the growing attention memory of a training run, or the last short segment of an epoch,
+reuses a choice.
+
+This module is a leaf below :mod:`sharnn_fast.backend`: it is told the implementations, the compute
+dtype and the bucket, and imports neither the backend nor the ops.
 
 Switches: :func:`autotune` (process-wide), else ``SHARNN_FAST_AUTOTUNE=1``/``0``, else off. It is
 off by default on every device until a GPU measurement shows its first-call cost is small at the
@@ -104,11 +108,6 @@ def may_tune_now(device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
-def pow2(n: int) -> int:
-    """n rounded up to a power of two (the shape bucket of a length, a batch or a token count)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,7 +365,7 @@ def choose(op: str, implementations: Mapping, device: torch.device, args: tuple,
         if entry is not None and entry["backend"] in implementations:
             _choices[fast_key] = entry, "from the cache"
         else:
-            entry = tune(op, key, implementations, device, args, deterministic, backward)
+            entry = tune(op, key, implementations, device, args, dtype, deterministic, backward)
             _choices[fast_key] = entry, "measured now"
     entry, where = _choices[fast_key]
     return entry["backend"], describe(entry, where)
@@ -378,19 +377,19 @@ def tuning_seconds() -> float:
 
 
 def tune(op: str, key: str, implementations: Mapping, device: torch.device, args: tuple,
-         deterministic: Callable[[tuple], tuple], backward: bool) -> dict:
-    """Check and time every backend that can run ``args``; returns the cache entry
-    ``{"backend", "times_ms", "excluded"}``."""
+         dtype: torch.dtype, deterministic: Callable[[tuple], tuple], backward: bool) -> dict:
+    """Check and time every backend that can run ``args`` (whose compute dtype is ``dtype``: it sets
+    the tolerance of the check); returns the cache entry ``{"backend", "times_ms", "excluded"}``."""
     global _tuning_seconds
     started = time.perf_counter()
     try:
-        return _tune(op, key, implementations, device, args, deterministic, backward)
+        return _tune(op, key, implementations, device, args, dtype, deterministic, backward)
     finally:
         _tuning_seconds += time.perf_counter() - started
 
 
 def _tune(op: str, key: str, implementations: Mapping, device: torch.device, args: tuple,
-          deterministic: Callable[[tuple], tuple], backward: bool) -> dict:
+          dtype: torch.dtype, deterministic: Callable[[tuple], tuple], backward: bool) -> dict:
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -414,7 +413,7 @@ def _tune(op: str, key: str, implementations: Mapping, device: torch.device, arg
                     except Exception as err:  # noqa: BLE001: a kernel that raises is excluded, not fatal
                         excluded[name] = f"raised {type(err).__name__}: {err}"
                         continue
-                    bound = TOLERANCE.get(_dtype_of(args), 3e-3)
+                    bound = TOLERANCE.get(dtype, 3e-3)
                     if not error <= bound:
                         excluded[name] = f"disagrees with {check_name}: relative error {error:.3g} > {bound:.3g}"
                         continue
@@ -443,11 +442,6 @@ def describe(entry: dict, where: str) -> str:
     if bad:
         text += "; excluded " + "; ".join(f"{n} ({why})" for n, why in bad.items())
     return text
-
-
-def _dtype_of(args) -> torch.dtype:
-    from .ops._dtypes import compute_dtype
-    return compute_dtype(next(a for a in args if torch.is_tensor(a)))
 
 
 def _detached_copies(args, requires_grad: bool):
@@ -526,31 +520,3 @@ def _median_ms(impl, args, backward: bool, device: torch.device) -> float:
             call()
             samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
-
-
-def autotune_model(model, example_tokens, **forward_kwargs) -> str:
-    """Tune every op of one forward and backward of ``model`` on ``example_tokens`` [T, B] now,
-    so that training starts with its choices made (and cached), and turn autotuning on for the
-    process (``autotune(True)``), since "auto" uses tuned choices only while it is on. The model's
-    parameters, their gradients and the random number generators are left as they were. Returns
-    :func:`sharnn_fast.explain`'s report.
-
-    Tune with the segment length, batch size, dtype (autocast) and mode (``model.train()`` or
-    ``eval()``) that training will use: each is part of the key.
-    """
-    from .backend import explain
-    global _enabled
-    device = example_tokens.device
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    saved_grads = {p: p.grad for p in model.parameters()}
-    _enabled = True
-    try:
-        with torch.random.fork_rng(devices=devices):
-            h = model(example_tokens, **forward_kwargs)[0]
-            if torch.is_grad_enabled() and h.requires_grad:
-                model.decoder(h).float().logsumexp(-1).mean().backward()
-    finally:
-        for p, g in saved_grads.items():
-            p.grad = g
-    return explain()

@@ -11,6 +11,9 @@ in ``benchmarks/``) and silently takes the first implementation that can run, or
 the choice :mod:`sharnn_fast.autotuning` measured and checked on this machine; :func:`explain` reports
 what ran and why. :func:`run` chooses, runs, and makes a higher-order gradient through an
 implementation whose backward is not differentiable raise instead of return a wrong value.
+:func:`autotune_model` tunes every op of a model up front and returns :func:`explain`'s report.
+
+This module uses :mod:`sharnn_fast.autotuning`, never the other way round.
 """
 from __future__ import annotations
 
@@ -194,7 +197,7 @@ def _missing(op: str, name: str) -> str:
 @dataclass(frozen=True)
 class Tuning:
     """What :mod:`sharnn_fast.autotuning` needs to know about one call of an op: its shape bucket
-    (lengths, batch sizes and token counts rounded up by ``autotuning.pow2``, widths exact), its
+    (lengths, batch sizes and token counts rounded up by ``ops._buckets.pow2``, widths exact), its
     compute dtype, whether dropout is active, and ``deterministic``, which maps the op's arguments
     to the same call with dropout off (to check backends against each other).
 
@@ -325,3 +328,29 @@ def explain() -> str:
         choice, path = _last_path.get(op, (None, None))
         lines.append(_last_choice[op] + (f"; {path}" if choice == _last_choice[op] else ""))
     return "\n".join(lines)
+
+
+def autotune_model(model, example_tokens, **forward_kwargs) -> str:
+    """Tune every op of one forward and backward of ``model`` on ``example_tokens`` [T, B] now,
+    so that training starts with its choices made (and cached), and turn autotuning on for the
+    process (``autotune(True)``), since "auto" uses tuned choices only while it is on. The model's
+    parameters, their gradients and the random number generators are left as they were. Returns
+    :func:`explain`'s report.
+
+    Tune with the segment length, batch size, dtype (autocast) and mode (``model.train()`` or
+    ``eval()``) that training will use: each is part of the key.
+    """
+    device = example_tokens.device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    saved_grads = {p: p.grad for p in model.parameters()}
+    autotuning.autotune(True)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            h = model(example_tokens, **forward_kwargs)[0]
+            if torch.is_grad_enabled() and h.requires_grad:
+                model.decoder(h).float().logsumexp(-1).mean().backward()
+    finally:
+        for p, g in saved_grads.items():
+            p.grad = g
+    return explain()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ... import backend as _backend
-from ...autotuning import pow2
+from .._buckets import pow2
 from .._checks import check_float_tensor, check_same_device, check_same_dtype
 from .._dtypes import cast_outputs, compute_dtype
 from . import torch_native
