@@ -10,7 +10,7 @@ triton (its interpreter is for tests, not timing). Each case reports time, TFLOP
 causal half only, no recomputation counted), % of the limit, peak memory (GPU), for the torch
 variant which SDPA backend ran, and for the triton variants whether backend="triton" takes that
 path at this width. Both triton paths run at both widths: "triton flash" is the flash kernel
-(ops/attention/triton.py), "triton wide" the materialised scores (ops/attention/triton_wide.py),
+(ops/attention/triton_flash.py), "triton wide" the materialised scores (ops/attention/triton_wide.py),
 each forced with attention_triton(..., path=...). The backends are timed interleaved against "torch"
 (conftest's ``bench``).
 """

@@ -261,7 +261,7 @@ def attention_wide_cases(dtype, dropout_p: float, sizes: str) -> list[Callable[[
 
 OPS = {"boom": ("sharnn_fast.ops.boom.triton", boom_cases),
        "lstm": ("sharnn_fast.ops.lstm.triton", lstm_cases),
-       "attention": ("sharnn_fast.ops.attention.triton", attention_cases),
+       "attention": ("sharnn_fast.ops.attention.triton_flash", attention_cases),
        "attention_wide": ("sharnn_fast.ops.attention.triton_wide", attention_wide_cases)}
 
 

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 import sharnn_fast  # noqa: E402
 from sharnn_fast import ops  # noqa: E402
 from sharnn_fast.ops.attention import triton as attention_triton_module  # noqa: E402
+from sharnn_fast.ops.attention import triton_common, triton_flash  # noqa: E402
 from tolerances import (REDUCED_SLACK, assert_all_close, fp32_tolerance, outputs_and_grads,  # noqa: E402
                         relative_error)
 
@@ -33,7 +34,7 @@ def device(triton_device):
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Every output the kernels allocate starts as NaN, so an element they never write fails."""
-    monkeypatch.setattr(attention_triton_module, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
 
 
 def attention_inputs(Tq, Tk, B, d, dv, device, dtype=torch.float32):
@@ -106,10 +107,10 @@ def test_strided_inputs_and_gradients(device):
 def test_64_bit_offsets(monkeypatch, device):
     """The int64 addressing for tensors whose batch entries span 2**31 elements or more, forced on
     small ones; and when it is chosen."""
-    wide = attention_triton_module._wide_offsets
+    wide = triton_flash._wide_offsets
     assert not wide(torch.empty_strided((5000, 16, 1024), (16 * 1024, 1024, 1), device="meta"))
     assert wide(torch.empty_strided((2, 1, 8), (2**31, 8, 1), device="meta"))
-    monkeypatch.setattr(attention_triton_module, "_wide_offsets", lambda *tensors: True)
+    monkeypatch.setattr(triton_flash, "_wide_offsets", lambda *tensors: True)
     inputs = attention_inputs(37, 82, 3, 80, 80, device)
     assert_all_close(outputs_and_grads(run_attention("triton"), inputs),
                      outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),

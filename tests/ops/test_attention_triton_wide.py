@@ -1,5 +1,5 @@
 """The triton backend's two attention paths against the reference: materialised scores for wide heads
-(d >= WIDE_HEAD_MIN_D, triton_wide.py) and the flash kernel for narrow ones (triton.py).
+(d >= WIDE_HEAD_MIN_D, triton_wide.py) and the flash kernel for narrow ones (triton_flash.py).
 
 Without a GPU the softmax kernels run in Triton's interpreter and the products in torch on CPU; small
 shapes, and a small scratch budget where the chunked path is wanted. Every buffer a kernel writes

@@ -9,14 +9,14 @@ the published SHA-RNN's own computation (explicit products and a softmax).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .._dtypes import no_autocast
 
 # Heads at least this wide take the materialised path; narrower ones a flash kernel (SDPA's for the
-# "torch" backend, triton.py's for "triton"). Why 257: up to d = 256 a flash kernel holds a whole
+# "torch" backend, triton_flash.py's for "triton"). Why 257: up to d = 256 a flash kernel holds a whole
 # head's output tile on chip and never writes the Tq x Tk scores, the regime flash attention is built
 # for (FlashAttention, cuDNN and SDPA's flash kernel all stop at 256; SDPA then falls back to its
 # memory-efficient kernel). Above it, the materialised path's extra traffic (about 12 bytes a score
@@ -36,7 +36,7 @@ SCORES_MEMORY_BUDGET = 1 << 30
 
 
 # Tests set this to fill every buffer the torch wide path allocates with NaN, so an element it never
-# writes shows up (the triton kernels have their own flag in triton.py).
+# writes shows up (the triton kernels have their own flag in triton_common.py).
 POISON_OUTPUTS = False
 
 
@@ -106,6 +106,41 @@ def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.baddbmm_(a, b)
     else:
         acc.add_(bmm_fp32(a, b))
+
+
+def backward_products(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, dob: torch.Tensor,
+                      dqb: torch.Tensor, dkb: torch.Tensor, dvb: torch.Tensor, plan: tuple[int, int],
+                      score_gradients: Callable) -> None:
+    """The products of a materialised backward, chunk by chunk of ``plan`` (:func:`chunk_plan`).
+
+    qb [B, Tq, d], kb [Tk, ...] and the rest are the batch-first views (:func:`batch_first`) of q, k,
+    v, the output's gradient and the gradients to write (dq, dk, dv), all in one dtype. For each
+    chunk of batch entries b0 .. b1 - 1 and queries r0 .. r1 - 1, ``score_gradients(b0, b1, r0, r1,
+    q_c, k_c, v_c, do_c)`` gets the chunk's slices (k_c and v_c: the keys its last query sees) and
+    returns (dS, P~), each [Bc, Tc, keys] in that dtype: the scores' gradient, 1/sqrt(d) included,
+    and the weights after dropout. This writes dQ = dS K, dK = dS^T Q and dV = P~^T dO; over several
+    query chunks of an entry, dK and dV add up in float32 and are rounded once at the end."""
+    B, Tq, d = qb.shape
+    Tk, dv = kb.shape[1], vb.shape[-1]
+    for b0, b1, query_chunks in chunks(B, Tq, plan):
+        accumulate = len(query_chunks) > 1
+        if accumulate:
+            dk_acc = torch.zeros(b1 - b0, Tk, d, dtype=torch.float32, device=qb.device)  # [Bc, Tk, d]
+            dv_acc = torch.zeros(b1 - b0, Tk, dv, dtype=torch.float32, device=qb.device)  # [Bc, Tk, dv]
+        for r0, r1 in query_chunks:
+            keys = Tk - Tq + r1  # the keys the chunk's last query sees
+            q_c, k_c, v_c, do_c = qb[b0:b1, r0:r1], kb[b0:b1, :keys], vb[b0:b1, :keys], dob[b0:b1, r0:r1]
+            dscores, dropped = score_gradients(b0, b1, r0, r1, q_c, k_c, v_c, do_c)
+            torch.bmm(dscores, k_c, out=dqb[b0:b1, r0:r1])
+            if accumulate:
+                add_product(dk_acc[:, :keys], dscores.transpose(1, 2), q_c)
+                add_product(dv_acc[:, :keys], dropped.transpose(1, 2), do_c)
+            else:  # one chunk of all Tq queries: keys == Tk
+                torch.bmm(dscores.transpose(1, 2), q_c, out=dkb[b0:b1])
+                torch.bmm(dropped.transpose(1, 2), do_c, out=dvb[b0:b1])
+        if accumulate:
+            dkb[b0:b1].copy_(dk_acc)
+            dvb[b0:b1].copy_(dv_acc)
 
 
 def batch_first(*tensors: torch.Tensor):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ...backend import note_path
 from .._dtypes import compute_dtype
 from . import materialised
-from .materialised import add_product, autocast_off, batch_first, bmm_fp32, chunk_plan, chunks, new_output
+from .materialised import autocast_off, backward_products, batch_first, bmm_fp32, chunk_plan, chunks, new_output
 
 # Bytes of scratch a score of one chunk holds at once, forward and backward (see the ops below):
 # forward S (fp32, masked and exponentiated in place), a fp32 temporary (log-sum-exp or the dropout
@@ -188,39 +188,25 @@ def attention_scores_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     dv_ = new_output(v.shape, dtype, device)  # [Tk, B, dv]
     qb, kb, vb, dob, dqb, dkb, dvb = batch_first(q, k, v, grad_out.to(dtype), dq, dk, dv_)
     scale = 1.0 / math.sqrt(d)
+
+    def score_gradients(b0, b1, r0, r1, q_c, k_c, v_c, do_c):
+        keys = k_c.shape[1]
+        probs = _masked_scores(q_c, k_c, Tq, Tk, r0, r1)
+        probs = probs.sub_(lse[b0:b1, r0:r1].unsqueeze(-1)).exp_()  # P [Bc, Tc, keys]
+        dprobs = bmm_fp32(do_c, v_c.transpose(1, 2))  # dP~ [Bc, Tc, keys]
+        if dropout_p > 0.0:
+            keep_scaled = keep[b0:b1, r0:r1, :keys] * _dropout_scale(dropout_p)  # fp32
+            dprobs.mul_(keep_scaled)  # dP
+            dropped = (probs * keep_scaled).to(dtype)  # P~
+            del keep_scaled
+        else:
+            dropped = probs.to(dtype)
+        delta = (probs * dprobs).sum(-1, keepdim=True)  # [Bc, Tc, 1]
+        return dprobs.sub_(delta).mul_(probs).mul_(scale).to(dtype), dropped  # dS, P~
+
     with autocast_off(device):
         plan = chunk_plan(B, Tq, Tk, d, dv, dtype, backward=True, score_bytes=SCORE_BYTES[True])
-        for b0, b1, query_chunks in chunks(B, Tq, plan):
-            accumulate = len(query_chunks) > 1  # dK and dV add up over query chunks, in fp32
-            if accumulate:
-                dk_acc = torch.zeros(b1 - b0, Tk, d, dtype=torch.float32, device=device)  # [Bc, Tk, d]
-                dv_acc = torch.zeros(b1 - b0, Tk, dv, dtype=torch.float32, device=device)  # [Bc, Tk, dv]
-            for r0, r1 in query_chunks:
-                keys = Tk - Tq + r1
-                q_c, k_c, v_c, do_c = qb[b0:b1, r0:r1], kb[b0:b1, :keys], vb[b0:b1, :keys], dob[b0:b1, r0:r1]
-                probs = _masked_scores(q_c, k_c, Tq, Tk, r0, r1)
-                probs = probs.sub_(lse[b0:b1, r0:r1].unsqueeze(-1)).exp_()  # P [Bc, Tc, keys]
-                dprobs = bmm_fp32(do_c, v_c.transpose(1, 2))  # dP~ [Bc, Tc, keys]
-                if dropout_p > 0.0:
-                    keep_scaled = keep[b0:b1, r0:r1, :keys] * _dropout_scale(dropout_p)  # fp32
-                    dprobs.mul_(keep_scaled)  # dP
-                    dropped = (probs * keep_scaled).to(dtype)  # P~
-                    del keep_scaled
-                else:
-                    dropped = probs.to(dtype)
-                delta = (probs * dprobs).sum(-1, keepdim=True)  # [Bc, Tc, 1]
-                dscores = dprobs.sub_(delta).mul_(probs).mul_(scale).to(dtype)  # dS
-                del probs, dprobs
-                torch.bmm(dscores, k_c, out=dqb[b0:b1, r0:r1])
-                if accumulate:
-                    add_product(dk_acc[:, :keys], dscores.transpose(1, 2), q_c)
-                    add_product(dv_acc[:, :keys], dropped.transpose(1, 2), do_c)
-                else:  # one chunk of all Tq queries: keys == Tk
-                    torch.bmm(dscores.transpose(1, 2), q_c, out=dkb[b0:b1])
-                    torch.bmm(dropped.transpose(1, 2), do_c, out=dvb[b0:b1])
-            if accumulate:
-                dkb[b0:b1].copy_(dk_acc)
-                dvb[b0:b1].copy_(dv_acc)
+        backward_products(qb, kb, vb, dob, dqb, dkb, dvb, plan, score_gradients)
     return dq, dk, dv_
 
 

@@ -1,10 +1,10 @@
 """The triton backend's attention for wide heads: the scores materialised, cuBLAS for the products.
 
-Same contract as ``triton.py`` (sequence-first q [Tq, B, d], k [Tk, B, d], v [Tk, B, dv], Tk >= Tq,
-scale 1/sqrt(d), causal mask aligned to the end: query i sees keys 0 .. Tk - Tq + i); ``triton.py``'s
-``attention_triton`` sends a head here when it is at least materialised.WIDE_HEAD_MIN_D wide
-(materialised.py: the threshold, the chunk plan and the fp32 products, shared with the "torch"
-backend's wide path).
+Same contract as the flash kernel of ``triton_flash.py`` (sequence-first q [Tq, B, d], k [Tk, B, d],
+v [Tk, B, dv], Tk >= Tq, scale 1/sqrt(d), causal mask aligned to the end: query i sees keys
+0 .. Tk - Tq + i); ``triton.py``'s ``attention_triton`` sends a head here when it is at least
+materialised.WIDE_HEAD_MIN_D wide (materialised.py: the threshold, the chunk plan, the fp32 products
+and the backward's products, shared with the "torch" backend's wide path).
 
 Forward, per chunk of batch entries and queries (see "Memory" below):
   S = Q K^T (torch.bmm: cuBLAS on a GPU), float32 [Bc, Tc, Tk'];
@@ -30,7 +30,7 @@ Dtypes, and why:
 - float32 inputs: float32 cuBLAS GEMMs (TF32 only if torch.backends.cuda.matmul.allow_tf32 says so).
 
 Dropout: keep(b, i, j) = philox(seed, (b * Tq + i) * Tk + j) >= p, the flash kernel's own rule
-(``triton._dropout_keep``), so both paths drop the same weights for the same seed, and the backward
+(``triton_common.dropout_keep``), so both paths drop the same weights for the same seed, and the backward
 regenerates the mask from the seed instead of storing it.
 
 Memory: a pass's scratch (S, P and in backward dP~, dS, see materialised.scratch_bytes_per_score) for all of
@@ -53,9 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import materialised
-from .materialised import add_product, autocast_off, batch_first, bmm_fp32, chunk_plan, chunks
-from .triton import LOG2_E, _check_lengths, _dropout_keep, _dropout_scale, _new_output
+from .._kernels import interpreted
+from .materialised import autocast_off, backward_products, batch_first, bmm_fp32, chunk_plan, chunks
+from .triton_common import LOG2_E, check_lengths, dropout_keep, dropout_scale, new_output
 
 # Tuning of the softmax kernels, the only place it lives. GPU: a program holds at most
 # GPU_MAX_BLOCK_N scores in registers at once; a longer row takes two passes over memory (statistics,
@@ -69,21 +69,6 @@ GPU_MAX_BLOCK_M = 16
 VALUES_PER_THREAD = 16  # num_warps = BLOCK_M * BLOCK_N / (32 * this), between 4 and 16
 INTERPRETER_BLOCK_N = 32
 INTERPRETER_BLOCK_M = 16
-
-
-def describe_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wide: bool) -> str:
-    """What explain() says about the path taken for these inputs (``wide``: the materialised
-    path), and why."""
-    Tq, B, d = q.shape
-    if wide != materialised.uses_materialised_scores(d):
-        why = "asked for by the caller (path=...)"
-    else:
-        why = f"head width d = {d} {'>=' if wide else '<'} WIDE_HEAD_MIN_D = {materialised.WIDE_HEAD_MIN_D}"
-    if not wide:
-        return f"flash kernel: {why}, the scores stay on chip"
-    Tk, dv = k.shape[0], v.shape[-1]
-    return (f"materialised scores: {why}; cuBLAS products and fused Triton softmax; "
-            f"{materialised.describe_plan(B, Tq, Tk, d, dv, q.dtype)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +107,7 @@ def _scores_log2(s_rows, keys, visible, scale_log2):
 @triton.jit
 def _after_dropout(p, seed, batch, Tq, Tk, queries, keys, dropout_p, dropout_scale, HAS_DROPOUT: tl.constexpr):
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, batch, Tq, Tk, queries[:, None], keys[None, :], dropout_p)
+        keep = dropout_keep(seed, batch, Tq, Tk, queries[:, None], keys[None, :], dropout_p)
         p = tl.where(keep, p * dropout_scale, 0.0)
     return p
 
@@ -178,7 +163,7 @@ def _block_bwd(s_rows, dp_rows, keys, visible, lse, scale_log2, seed, batch, Tq,
     p = tl.exp2(_scores_log2(s_rows, keys, visible, scale_log2) - lse[:, None])
     dp = tl.load(dp_rows[:, None] + keys[None, :], mask=keys[None, :] < visible[:, None], other=0.0)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, batch, Tq, Tk, queries[:, None], keys[None, :], dropout_p)
+        keep = dropout_keep(seed, batch, Tq, Tk, queries[:, None], keys[None, :], dropout_p)
         p_dropped = tl.where(keep, p * dropout_scale, 0.0)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     else:
@@ -230,11 +215,13 @@ def attention_wide_softmax_bwd_kernel(
             _store_bwd(p_rows, ds_rows, keys, row_valid, row_len, p, p_dropped, dp, delta, scale)
 
 
-def _softmax_config(row_len: int, like: torch.Tensor) -> dict:
-    """Block sizes and launch options for rows of ``row_len`` scores: BLOCK_N keys of a row at a
-    time, BLOCK_M rows per program."""
+def launch_config(row_len: int, interpreter: bool) -> dict:
+    """Block sizes and launch options of the softmax kernels (forward and backward) for rows of
+    ``row_len`` scores: BLOCK_N keys of a row at a time, BLOCK_M rows per program, ONE_BLOCK when a
+    row fits one block; on a GPU or (``interpreter``) in Triton's interpreter. The launchers take
+    them from here only, so tools/compile_report.py compiles what runs."""
     block_n = triton.next_power_of_2(int(row_len))
-    if like.device.type == "cpu":
+    if interpreter:
         block_n = min(INTERPRETER_BLOCK_N, block_n)
         return dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=block_n, ONE_BLOCK=block_n >= row_len)
     block_n = min(GPU_MAX_BLOCK_N, block_n)
@@ -261,10 +248,10 @@ def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
     Raises ValueError for Tk < Tq or dropout without a seed."""
     Tq, B, d = q.shape
     Tk, dv = k.shape[0], v.shape[-1]
-    _check_lengths(Tq, Tk)
+    check_lengths(Tq, Tk)
     _check_seed(dropout_p, seed)
-    out = _new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
-    lse = _new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
+    out = new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
+    lse = new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
     qb, kb, vb, ob = batch_first(q, k, v, out)
     has_dropout = dropout_p > 0.0
     scale_log2 = LOG2_E / math.sqrt(d)
@@ -273,19 +260,19 @@ def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
             for r0, r1 in query_chunks:
                 keys = Tk - Tq + r1  # the keys the chunk's last query sees
                 scores = bmm_fp32(qb[b0:b1, r0:r1], kb[b0:b1, :keys].transpose(1, 2))  # [Bc, Tc, keys]
-                probs = scores if q.dtype == torch.float32 else _new_output(scores.shape, q.dtype, q.device)
-                config = _softmax_config(keys, q)
+                probs = scores if q.dtype == torch.float32 else new_output(scores.shape, q.dtype, q.device)
+                config = launch_config(keys, interpreted(attention_wide_softmax_fwd_kernel))
                 attention_wide_softmax_fwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
                     scores, probs, lse, seed if has_dropout else lse, b0, r0, Tq, Tk, r1 - r0, keys,
                     scores.stride(0), scores.stride(1), probs.stride(0), probs.stride(1), lse.stride(0),
-                    scale_log2, dropout_p, _dropout_scale(dropout_p), HAS_DROPOUT=has_dropout, **config)
+                    scale_log2, dropout_p, dropout_scale(dropout_p), HAS_DROPOUT=has_dropout, **config)
                 torch.bmm(probs, vb[b0:b1, :keys], out=ob[b0:b1, r0:r1])
     return out, lse
 
 
 @attention_wide_fwd.register_fake
 def _(q, k, v, dropout_p, seed):
-    _check_lengths(q.shape[0], k.shape[0])
+    check_lengths(q.shape[0], k.shape[0])
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
@@ -296,51 +283,38 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """Gradients (dq, dk, dv) of attention_wide_fwd's out, given grad_out [Tq, B, dv] and its lse."""
     Tq, B, d = q.shape
     Tk, dv = k.shape[0], v.shape[-1]
-    _check_lengths(Tq, Tk)
+    check_lengths(Tq, Tk)
     _check_seed(dropout_p, seed)
     device, dtype = q.device, q.dtype
-    dq = _new_output(q.shape, dtype, device)  # [Tq, B, d]
-    dk = _new_output(k.shape, dtype, device)  # [Tk, B, d]
-    dv_ = _new_output(v.shape, dtype, device)  # [Tk, B, dv]
+    dq = new_output(q.shape, dtype, device)  # [Tq, B, d]
+    dk = new_output(k.shape, dtype, device)  # [Tk, B, d]
+    dv_ = new_output(v.shape, dtype, device)  # [Tk, B, dv]
     qb, kb, vb, dob, dqb, dkb, dvb = batch_first(q, k, v, grad_out, dq, dk, dv_)
     has_dropout = dropout_p > 0.0
     scale = 1.0 / math.sqrt(d)
     in_place = dtype == torch.float32
+
+    def score_gradients(b0, b1, r0, r1, q_c, k_c, v_c, do_c):
+        keys = k_c.shape[1]
+        scores = bmm_fp32(q_c, k_c.transpose(1, 2))  # [Bc, Tc, keys]
+        dprobs = bmm_fp32(do_c, v_c.transpose(1, 2))  # [Bc, Tc, keys]
+        if in_place:
+            probs, dscores = scores, dprobs
+        else:
+            probs = new_output(scores.shape, dtype, device)  # P after dropout
+            dscores = new_output(scores.shape, dtype, device)  # dS / sqrt(d)
+        config = launch_config(keys, interpreted(attention_wide_softmax_bwd_kernel))
+        attention_wide_softmax_bwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
+            scores, dprobs, lse, probs, dscores, seed if has_dropout else lse, b0, r0, Tq, Tk, r1 - r0, keys,
+            scores.stride(0), scores.stride(1), dprobs.stride(0), dprobs.stride(1),
+            probs.stride(0), probs.stride(1), dscores.stride(0), dscores.stride(1), lse.stride(0),
+            scale, scale * LOG2_E, dropout_p, dropout_scale(dropout_p),
+            HAS_DROPOUT=has_dropout, **config)
+        return dscores, probs
+
     with autocast_off(device):
-        for b0, b1, query_chunks in chunks(B, Tq, chunk_plan(B, Tq, Tk, d, dv, dtype, backward=True)):
-            # With several query chunks, dK and dV add up over them: in fp32, rounded once at the end.
-            accumulate = len(query_chunks) > 1
-            if accumulate:
-                dk_acc = torch.zeros(b1 - b0, Tk, d, dtype=torch.float32, device=device)  # [Bc, Tk, d]
-                dv_acc = torch.zeros(b1 - b0, Tk, dv, dtype=torch.float32, device=device)  # [Bc, Tk, dv]
-            for r0, r1 in query_chunks:
-                keys = Tk - Tq + r1
-                q_c, k_c, v_c, do_c = qb[b0:b1, r0:r1], kb[b0:b1, :keys], vb[b0:b1, :keys], dob[b0:b1, r0:r1]
-                scores = bmm_fp32(q_c, k_c.transpose(1, 2))  # [Bc, Tc, keys]
-                dprobs = bmm_fp32(do_c, v_c.transpose(1, 2))  # [Bc, Tc, keys]
-                if in_place:
-                    probs, dscores = scores, dprobs
-                else:
-                    probs = _new_output(scores.shape, dtype, device)  # P after dropout
-                    dscores = _new_output(scores.shape, dtype, device)  # dS / sqrt(d)
-                config = _softmax_config(keys, q)
-                attention_wide_softmax_bwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
-                    scores, dprobs, lse, probs, dscores, seed if has_dropout else lse, b0, r0, Tq, Tk, r1 - r0,
-                    keys,
-                    scores.stride(0), scores.stride(1), dprobs.stride(0), dprobs.stride(1),
-                    probs.stride(0), probs.stride(1), dscores.stride(0), dscores.stride(1), lse.stride(0),
-                    scale, scale * LOG2_E, dropout_p, _dropout_scale(dropout_p),
-                    HAS_DROPOUT=has_dropout, **config)
-                torch.bmm(dscores, k_c, out=dqb[b0:b1, r0:r1])
-                if accumulate:
-                    add_product(dk_acc[:, :keys], dscores.transpose(1, 2), q_c)
-                    add_product(dv_acc[:, :keys], probs.transpose(1, 2), do_c)
-                else:  # one chunk of all Tq queries: keys == Tk
-                    torch.bmm(dscores.transpose(1, 2), q_c, out=dkb[b0:b1])
-                    torch.bmm(probs.transpose(1, 2), do_c, out=dvb[b0:b1])
-            if accumulate:
-                dkb[b0:b1].copy_(dk_acc)
-                dvb[b0:b1].copy_(dv_acc)
+        backward_products(qb, kb, vb, dob, dqb, dkb, dvb, chunk_plan(B, Tq, Tk, d, dv, dtype, backward=True),
+                          score_gradients)
     return dq, dk, dv_
 
 
