@@ -1,5 +1,13 @@
-"""What the kernel implementations (triton.py, cuda.py) share: the dtype they run in under autocast
-and the device checks of a Triton backend. Not an implementation itself."""
+"""What the kernel implementations (triton*.py, cuda.py) share: the dtype they run in under autocast,
+the device checks of a Triton backend, and :func:`interpreted`, the one test of whether Triton's
+interpreter runs a kernel. Not an implementation itself.
+
+Every Triton kernel module builds its launch configuration the same way: named tuning constants
+(``GPU_CONFIG``, ``GPU_CONFIG_FP32``, ``INTERPRETER_CONFIG`` or ``GPU_MAX_*`` / ``INTERPRETER_*``
+limits) in one place at its top, and one function ``launch_config(..., interpreter)`` that turns
+them into the kernel's keyword arguments (its ``BLOCK_*`` sizes and the launch options num_warps,
+num_stages), called by the launchers with ``interpreted(kernel)`` and passed on as ``**config``.
+"""
 from __future__ import annotations
 
 import os

@@ -6,7 +6,6 @@ tools/compile_report.py (run by .ci/run) compiles them for sm_80 and sm_90. With
 the GPU, where bfloat16, the paper's size, CUDA graphs and torch.compile with Inductor are also
 tested.
 """
-import dataclasses
 import importlib
 
 import pytest
@@ -60,11 +59,12 @@ def test_matches_reference_fp16(shape, device):
 def test_gpu_tiles_batch_tiles_and_reduction_loops(monkeypatch, device):
     """Several hidden-unit tiles, two batch tiles and reduction loops with a ragged last chunk: the
     GPU's tiling, which a single program per step (the interpreter's default) never exercises."""
-    tiles = lstm_triton.step_blocks
+    configured = lstm_triton.launch_config
 
-    def small_gpu_blocks(B, H, dtype, interpreted):
-        return dataclasses.replace(tiles(B, H, dtype, interpreted=False), block_b=16, fwd_k=32, bwd_k=64)
-    monkeypatch.setattr(lstm_triton, "step_blocks", small_gpu_blocks)
+    def small_gpu_tiles(kernel, B, H, dtype, interpreter):
+        return dict(configured(kernel, B, H, dtype, interpreter=False), BLOCK_B=16,
+                    BLOCK_K=32 if kernel == "fwd" else 64)
+    monkeypatch.setattr(lstm_triton, "launch_config", small_gpu_tiles)
     inputs = lstm_inputs(3, 17, 24, 80, device=device)  # H 80: 10 forward and 5 backward unit tiles
     assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
                      outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device, "triton"),

@@ -64,15 +64,14 @@ INTERPRETER_CONFIG = dict(fwd=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
 
 
 def launch_config(kernel: str, dtype: torch.dtype, interpreter: bool) -> dict:
-    """Block sizes, dot precision and launch options of ``kernel`` ("fwd" or "dz") for inputs of
-    ``dtype``, on a GPU or (``interpreter``) in Triton's interpreter. The launchers take them from
-    here only, so tools/compile_report.py, which runs the launchers on meta tensors, compiles what
-    runs."""
+    """Block sizes and launch options of ``kernel`` ("fwd" or "dz") for inputs of ``dtype``, on a
+    GPU or (``interpreter``) in Triton's interpreter. The launchers take them from here only, so
+    tools/compile_report.py, which runs the launchers on meta tensors, compiles what runs."""
     if interpreter:
         table = INTERPRETER_CONFIG
     else:
         table = GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
-    return dict(table[kernel], DOT_PRECISION=triton_dot_precision(dtype))
+    return dict(table[kernel])
 
 
 def empty_output(shape, dtype, device):
@@ -234,7 +233,8 @@ def boom_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     torch.library.wrap_triton(boom_fwd_kernel)[grid](
         x, weight, weight if bias is None else bias, x if seed is None else seed, y, N, D, F,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
-        threshold, scale, HAS_BIAS=bias is not None, DROPOUT=seed is not None, **config)
+        threshold, scale, HAS_BIAS=bias is not None, DROPOUT=seed is not None,
+        DOT_PRECISION=triton_dot_precision(x.dtype), **config)
     return y
 
 
@@ -258,7 +258,8 @@ def boom_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Opti
         x, weight, weight if bias is None else bias, x if seed is None else seed, dy, dz, db_partial,
         N, D, F, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         dy.stride(0), dy.stride(1), threshold, scale,
-        HAS_BIAS=bias is not None, DROPOUT=seed is not None, **config)
+        HAS_BIAS=bias is not None, DROPOUT=seed is not None, DOT_PRECISION=triton_dot_precision(x.dtype),
+        **config)
     dx = torch.matmul(dz, weight)  # [N, d]
     dweight = torch.matmul(dz.t(), x)  # [F, d]
     dbias = db_partial.sum(0).to(weight.dtype if bias is None else bias.dtype)  # [F]

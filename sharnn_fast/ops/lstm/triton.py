@@ -26,7 +26,6 @@ step loops replay CUDA graphs of GRAPH_CHUNK_STEPS steps at a time (see ``_forwa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -50,25 +49,18 @@ POISON_NEW_BUFFERS = False
 # Tuning constants (one place). On a GPU the step kernels are bound by reading W_hh (8 MiB in bf16 at
 # H = 1024, L2-resident across steps), so the tiles are narrow to spread it over many SMs: at
 # H = 1024 the forward runs 128 programs, the backward 64 (each backward program also reads the
-# whole [B, 4H] dgates row, so narrower backward tiles trade parallelism for L2 traffic). tl.dot
-# needs K >= 16 and pads M, N below 16; the forward's N is 4 * fwd_units (four gates), the
-# backward's N is bwd_units, M is the batch tile. float32 (tf32x3 dots: each operand split in two)
-# takes at most 16 sequences per program: at 32, tools/compile_report.py shows the forward spilling
-# 0.9 KB (sm_90a) to 4 KB (sm_80) of stack. Unmeasured on a GPU so far: benchmarks/bench_lstm.py is
-# where to tune them.
+# whole [B, 4H] dgates row, so narrower backward tiles trade parallelism for L2 traffic). Per
+# kernel ("fwd", "bwd"): BLOCK_B batch rows per program (>= 16, tl.dot's M, so B = 16 is one
+# unpadded tile), BLOCK_H hidden units per program (the forward's tile covers 4 * BLOCK_H rows of
+# W_hh: all four gates) and BLOCK_K the reduction chunk (over H forward, over 4H backward). tl.dot
+# needs K >= 16 and pads M, N below 16; the forward's N is 4 * BLOCK_H, the backward's BLOCK_H.
+# float32 (tf32x3 dots: each operand split in two) takes at most 16 sequences per program: at 32,
+# tools/compile_report.py shows the forward spilling 0.9 KB (sm_90a) to 4 KB (sm_80) of stack.
+# Unmeasured on a GPU so far: benchmarks/bench_lstm.py is where to tune them.
 # ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class StepBlocks:
-    block_b: int     # batch rows per program (>= 16, tl.dot's M, so B = 16 is one unpadded tile)
-    fwd_units: int   # hidden units per forward program (4 * fwd_units rows of W_hh)
-    fwd_k: int       # reduction chunk over H in the forward
-    bwd_units: int   # hidden units per backward program
-    bwd_k: int       # reduction chunk over 4H in the backward
-    num_warps: int
-
-
+GPU_CONFIG = dict(fwd=dict(BLOCK_H=8, BLOCK_K=128, num_warps=4),
+                  bwd=dict(BLOCK_H=16, BLOCK_K=128, num_warps=4))
 GPU_MAX_BLOCK_B = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
-GPU_BLOCKS = dict(fwd_units=8, fwd_k=128, bwd_units=16, bwd_k=128, num_warps=4)
 # CUDA graphs replace the launches (~10 us of host time per step against kernels of a few us) in
 # windows of this many steps; a window holds K steps of every buffer (about 40 MiB at the
 # paper's size), one per (direction, B, H, dtype).
@@ -78,16 +70,17 @@ GRAPH_CHUNK_STEPS = 32
 GRAPHS_ENV = "SHARNN_TRITON_LSTM_GRAPHS"
 
 
-def step_blocks(B: int, H: int, dtype: torch.dtype, interpreted: bool) -> StepBlocks:
-    """Block sizes for batch B, width H and inputs of ``dtype``; the launchers and
-    tools/compile_report.py take them from here only. The interpreter runs programs one after
-    another with numpy, so there each step is one program covering the whole [B, H] state."""
+def launch_config(kernel: str, B: int, H: int, dtype: torch.dtype, interpreter: bool) -> dict:
+    """Block sizes and launch options of ``kernel`` ("fwd" or "bwd", the step kernels) for batch B,
+    width H and inputs of ``dtype``, on a GPU or (``interpreter``) in Triton's interpreter. The
+    launchers take them from here only, so tools/compile_report.py, which runs the launchers on meta
+    tensors, compiles what runs. The interpreter runs programs one after another with numpy, so
+    there each step is one program covering the whole [B, H] state."""
     batch = max(16, triton.next_power_of_2(B))
-    if interpreted:
+    if interpreter:
         width = max(16, triton.next_power_of_2(H))
-        return StepBlocks(block_b=batch, fwd_units=width, fwd_k=width, bwd_units=width,
-                          bwd_k=4 * width, num_warps=4)
-    return StepBlocks(block_b=min(batch, GPU_MAX_BLOCK_B[dtype]), **GPU_BLOCKS)
+        return dict(BLOCK_B=batch, BLOCK_H=width, BLOCK_K=width if kernel == "fwd" else 4 * width, num_warps=4)
+    return dict(GPU_CONFIG[kernel], BLOCK_B=min(batch, GPU_MAX_BLOCK_B[dtype]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,21 +220,15 @@ def lstm_bwd_step_kernel(
 # in and the results out (a handful of copies instead of K launches), and the last T mod K steps
 # are launched directly.
 # ----------------------------------------------------------------------------------------------------
-def _interpreted() -> bool:
-    return interpreted(lstm_fwd_step_kernel)
-
-
 def _forward_launches(xg, w_hh, hs, c_all, gates, steps: range):
     """Steps ``steps`` of the forward: xg [T, B, 4H], w_hh [4H, H]; reads hs and c_all at t, writes
     them at t + 1 and gates at t."""
     _, B, _ = xg.shape
     H = w_hh.shape[1]
-    blocks = step_blocks(B, H, xg.dtype, _interpreted())
-    launch = lstm_fwd_step_kernel[(triton.cdiv(H, blocks.fwd_units), triton.cdiv(B, blocks.block_b))]
+    config = launch_config("fwd", B, H, xg.dtype, interpreted(lstm_fwd_step_kernel))
+    launch = lstm_fwd_step_kernel[(triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(B, config["BLOCK_B"]))]
     for t in steps:
-        launch(xg, w_hh, hs, c_all, gates, t, B, H, DOT_PRECISION=triton_dot_precision(xg.dtype),
-               BLOCK_B=blocks.block_b, BLOCK_H=blocks.fwd_units, BLOCK_K=blocks.fwd_k,
-               num_warps=blocks.num_warps)
+        launch(xg, w_hh, hs, c_all, gates, t, B, H, DOT_PRECISION=triton_dot_precision(xg.dtype), **config)
 
 
 def _backward_launches(d_hs, d_c_all, w_hh_t, c_all, gates, dgates, dc_carry, steps: range, T: int):
@@ -249,15 +236,13 @@ def _backward_launches(d_hs, d_c_all, w_hh_t, c_all, gates, dgates, dc_carry, st
     t + 1 < T, writes dgates at t and updates dc_carry [B, H]."""
     _, B, _ = gates.shape
     H = w_hh_t.shape[0]
-    blocks = step_blocks(B, H, dgates.dtype, _interpreted())
-    launch = lstm_bwd_step_kernel[(triton.cdiv(H, blocks.bwd_units), triton.cdiv(B, blocks.block_b))]
+    config = launch_config("bwd", B, H, dgates.dtype, interpreted(lstm_bwd_step_kernel))
+    launch = lstm_bwd_step_kernel[(triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(B, config["BLOCK_B"]))]
     # Without an outside gradient for c, any fp32 tensor stands in for the pointer it never reads.
     d_c = dc_carry if d_c_all is None else d_c_all
     for t in steps:
         launch(d_hs, d_c, w_hh_t, c_all, gates, dgates, dc_carry, t, T, B, H,
-               HAS_D_C=d_c_all is not None, DOT_PRECISION=triton_dot_precision(dgates.dtype),
-               BLOCK_B=blocks.block_b, BLOCK_H=blocks.bwd_units, BLOCK_K=blocks.bwd_k,
-               num_warps=blocks.num_warps)
+               HAS_D_C=d_c_all is not None, DOT_PRECISION=triton_dot_precision(dgates.dtype), **config)
 
 
 class _StepWindow:
