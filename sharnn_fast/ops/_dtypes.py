@@ -10,6 +10,9 @@ and ``ops.boom`` document), in one place.
 - The reference implementations round their inputs to the compute dtype, as autocast would, and
   then compute in at least float32 (:func:`math_dtype`), so they are the best a kernel taking those
   inputs can do: the ground truth every other backend is held to.
+
+"At least float32" (float16 and bfloat16 widen to float32, float64 stays float64) is one rule,
+written once: :func:`math_dtype` for a dtype, :func:`at_least_float32` for a tensor.
 """
 from __future__ import annotations
 
@@ -29,12 +32,17 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`math_dtype` of its dtype: float16 and bfloat16 widened to float32, float32
+    and float64 as they are (no copy). An autograd operation: the gradient comes back in t's dtype."""
+    return t.to(math_dtype(t.dtype))
+
+
 def reference_operands(dtype: torch.dtype, *tensors):
     """``tensors`` rounded to ``dtype`` (what autocast hands a kernel), then widened to
     ``math_dtype(dtype)`` for the arithmetic. ``None`` passes through. Both casts are autograd
     operations, so gradients reach the originals in their own dtypes."""
-    wide = math_dtype(dtype)
-    return tuple(None if t is None else t.to(dtype).to(wide) for t in tensors)
+    return tuple(None if t is None else at_least_float32(t.to(dtype)) for t in tensors)
 
 
 def no_autocast(device: torch.device):

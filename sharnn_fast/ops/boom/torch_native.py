@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dtypes import math_dtype
+from .._dtypes import at_least_float32
 
 _GELU_SCALE = 1.702
 
@@ -32,7 +32,7 @@ class GeluChunkSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, d: int, keep, scale: float):
-        zf = z.to(math_dtype(z.dtype))
+        zf = at_least_float32(z)
         a = zf * torch.sigmoid(_GELU_SCALE * zf)  # [..., F]
         if keep is not None:
             a.mul_(keep).mul_(scale)
@@ -45,7 +45,7 @@ class GeluChunkSum(torch.autograd.Function):
         z, keep = ctx.saved_tensors
         # Grad mode is on here exactly when the caller asked for create_graph=True.
         in_place = not torch.is_grad_enabled()
-        zf = z.to(math_dtype(z.dtype))
+        zf = at_least_float32(z)
         dz = _gelu_grad(zf, in_place)  # [..., F]
         if keep is not None:
             dz = dz.mul_(keep).mul_(ctx.scale) if in_place else dz * keep * ctx.scale
