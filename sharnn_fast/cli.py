@@ -438,10 +438,12 @@ def _check_environment() -> None:
     """Every SHARNN_FAST_* switch (and torchrun's variables) checked before anything starts: a bad
     value is bad input, named in one line, not an error found in the middle of a run."""
     from . import _env
+    from .backend import get_backend
     from .training.errors import UserInputError
 
     try:
         _env.check()
+        get_backend()  # checks SHARNN_FAST_BACKEND
     except ValueError as err:
         raise UserInputError(str(err)) from None
 
