@@ -1,5 +1,6 @@
-"""What the kernel implementations (triton.py, cuda.py) share: the dtype they run in under autocast
-and the device checks of a Triton backend. Not an implementation itself."""
+"""What the kernel implementations (triton.py, cuda.py, the materialised attention paths) share: the
+dtype they run in under autocast, the device checks of a Triton backend, and the allocator of the
+buffers a kernel fills. Not an implementation itself."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,20 @@ import torch
 from ._dtypes import compute_dtype  # noqa: F401  (the kernels import it from here)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Switched on by the tests (tests/ops/conftest.py): every buffer from new_output then starts as NaN,
+# so an element that no kernel writes (or that one reads before another block wrote it) shows up in
+# the comparison with the reference instead of passing by luck.
+FILL_OUTPUTS_WITH_NAN = False
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A fresh buffer of ``shape`` (a tuple or torch.Size) that a kernel must fill completely:
+    uninitialised, or all NaN while FILL_OUTPUTS_WITH_NAN is set. Buffers a kernel fills only in
+    part, or accumulates into, are not allocated here."""
+    if FILL_OUTPUTS_WITH_NAN:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def interpreted(kernel) -> bool:

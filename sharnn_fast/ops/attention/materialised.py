@@ -35,18 +35,6 @@ WIDE_HEAD_MIN_D = 257
 SCORES_MEMORY_BUDGET = 1 << 30
 
 
-# Tests set this to fill every buffer the torch wide path allocates with NaN, so an element it never
-# writes shows up (the triton kernels have their own flag in triton.py).
-POISON_OUTPUTS = False
-
-
-def new_output(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised buffer (NaN-filled under POISON_OUTPUTS)."""
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def autocast_off(device: torch.device):
     """Autocast off inside the ops: their inputs already are in the dtype to compute in, and the fp32
     products must stay fp32. Meta tensors (the offline compile report) have no autocast."""

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ...backend import Implementation, note_path
-from .._kernels import compute_dtype, triton_why_not
+from .._kernels import compute_dtype, new_output, triton_why_not
 from .._precision import triton_dot_precision
 from . import materialised
 
@@ -83,9 +83,6 @@ INTERPRETER_CONFIG = dict(
     delta=dict(BLOCK_M=32, BLOCK_DK=64),
 )
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16
-# Tests set this to fill every output with NaN before the kernels write it, so an element a kernel
-# forgets to write fails the comparison instead of passing by luck.
-POISON_OUTPUTS = False
 
 
 def _config(kernel: str, like: torch.Tensor, **widths: int) -> dict:
@@ -100,12 +97,6 @@ def _config(kernel: str, like: torch.Tensor, **widths: int) -> dict:
         # int(): under torch.compile a width may be symbolic; block sizes specialise on it.
         config[name] = max(MIN_DOT_WIDTH, min(config[name], triton.next_power_of_2(int(width))))
     return config
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,8 +419,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
     Tq, B, d = q.shape
     Tk, dv = k.shape[0], v.shape[-1]
     _check_lengths(Tq, Tk)
-    out = _new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
-    lse = _new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
+    out = new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
+    lse = new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
     blocks, options = _launch_options(_config("fwd", q, BLOCK_DK=d, BLOCK_DV=dv))
     grid = (triton.cdiv(Tq, blocks["BLOCK_M"]), triton.cdiv(dv, blocks["BLOCK_DV"]), B)
     has_dropout = dropout_p > 0.0
@@ -459,15 +450,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     wide = _wide_offsets(grad_out, q, k, v, out)  # the gradients have the inputs' shapes, contiguous
     precision = triton_dot_precision(q.dtype)
 
-    delta = _new_output((B, Tq), torch.float32, device)  # [B, Tq]
+    delta = new_output((B, Tq), torch.float32, device)  # [B, Tq]
     blocks, options = _launch_options(_config("delta", q, BLOCK_DK=dv))
     torch.library.wrap_triton(attention_bwd_delta_kernel)[(triton.cdiv(Tq, blocks["BLOCK_M"]), B)](
         out, grad_out, delta, Tq, dv, *out.stride(), *grad_out.stride(), WIDE_OFFSETS=wide,
         **blocks, **options)
 
-    dq = _new_output(q.shape, q.dtype, device)  # [Tq, B, d]
-    dk = _new_output(k.shape, k.dtype, device)  # [Tk, B, d]
-    dv_ = _new_output(v.shape, v.dtype, device)  # [Tk, B, dv]
+    dq = new_output(q.shape, q.dtype, device)  # [Tq, B, d]
+    dk = new_output(k.shape, k.dtype, device)  # [Tk, B, d]
+    dv_ = new_output(v.shape, v.dtype, device)  # [Tk, B, dv]
     blocks, options = _launch_options(_config("dkdv", q, BLOCK_DK=max(d, dv), BLOCK_C=max(d, dv)))
     grid = (triton.cdiv(Tk, blocks["BLOCK_N"]), triton.cdiv(max(d, dv), blocks["BLOCK_C"]), B)
     torch.library.wrap_triton(attention_bwd_dkdv_kernel)[grid](

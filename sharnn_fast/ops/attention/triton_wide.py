@@ -53,9 +53,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._kernels import new_output
 from . import materialised
 from .materialised import add_product, autocast_off, batch_first, bmm_fp32, chunk_plan, chunks
-from .triton import LOG2_E, _check_lengths, _dropout_keep, _dropout_scale, _new_output
+from .triton import LOG2_E, _check_lengths, _dropout_keep, _dropout_scale
 
 # Tuning of the softmax kernels, the only place it lives. GPU: a program holds at most
 # GPU_MAX_BLOCK_N scores in registers at once; a longer row takes two passes over memory (statistics,
@@ -263,8 +264,8 @@ def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
     Tk, dv = k.shape[0], v.shape[-1]
     _check_lengths(Tq, Tk)
     _check_seed(dropout_p, seed)
-    out = _new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
-    lse = _new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
+    out = new_output((Tq, B, dv), q.dtype, q.device)  # [Tq, B, dv]
+    lse = new_output((B, Tq), torch.float32, q.device)  # [B, Tq]
     qb, kb, vb, ob = batch_first(q, k, v, out)
     has_dropout = dropout_p > 0.0
     scale_log2 = LOG2_E / math.sqrt(d)
@@ -273,7 +274,7 @@ def attention_wide_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
             for r0, r1 in query_chunks:
                 keys = Tk - Tq + r1  # the keys the chunk's last query sees
                 scores = bmm_fp32(qb[b0:b1, r0:r1], kb[b0:b1, :keys].transpose(1, 2))  # [Bc, Tc, keys]
-                probs = scores if q.dtype == torch.float32 else _new_output(scores.shape, q.dtype, q.device)
+                probs = scores if q.dtype == torch.float32 else new_output(scores.shape, q.dtype, q.device)
                 config = _softmax_config(keys, q)
                 attention_wide_softmax_fwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
                     scores, probs, lse, seed if has_dropout else lse, b0, r0, Tq, Tk, r1 - r0, keys,
@@ -299,9 +300,9 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     _check_lengths(Tq, Tk)
     _check_seed(dropout_p, seed)
     device, dtype = q.device, q.dtype
-    dq = _new_output(q.shape, dtype, device)  # [Tq, B, d]
-    dk = _new_output(k.shape, dtype, device)  # [Tk, B, d]
-    dv_ = _new_output(v.shape, dtype, device)  # [Tk, B, dv]
+    dq = new_output(q.shape, dtype, device)  # [Tq, B, d]
+    dk = new_output(k.shape, dtype, device)  # [Tk, B, d]
+    dv_ = new_output(v.shape, dtype, device)  # [Tk, B, dv]
     qb, kb, vb, dob, dqb, dkb, dvb = batch_first(q, k, v, grad_out, dq, dk, dv_)
     has_dropout = dropout_p > 0.0
     scale = 1.0 / math.sqrt(d)
@@ -321,8 +322,8 @@ def attention_wide_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 if in_place:
                     probs, dscores = scores, dprobs
                 else:
-                    probs = _new_output(scores.shape, dtype, device)  # P after dropout
-                    dscores = _new_output(scores.shape, dtype, device)  # dS / sqrt(d)
+                    probs = new_output(scores.shape, dtype, device)  # P after dropout
+                    dscores = new_output(scores.shape, dtype, device)  # dS / sqrt(d)
                 config = _softmax_config(keys, q)
                 attention_wide_softmax_bwd_kernel[(triton.cdiv(r1 - r0, config["BLOCK_M"]), b1 - b0)](
                     scores, dprobs, lse, probs, dscores, seed if has_dropout else lse, b0, r0, Tq, Tk, r1 - r0,
