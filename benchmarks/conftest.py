@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from harness import peaks as machine_peaks
-from harness.files import write_atomically
 from harness.report import TABLE_LEGEND, limit_seconds, run_table, skipped_text
 from harness.timing import Protocol, interleaved
+from sharnn_fast._files import write_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import autotuning
+from .._files import WriteError
 from ..backend import explain, get_backend
 from . import distributed
 from .checkpoint import (check_architecture, describe_tensors, load_weights, model_from_checkpoint,
@@ -31,7 +32,6 @@ from .checkpoint import (check_architecture, describe_tensors, load_weights, mod
 from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
                      validate)
 from .data import BatchStream, check_same_data, load_corpus
-from ._io import WriteError
 from .errors import Interrupted, StorageError, UserInputError
 from .optim import build_optimizer, learning_rate, optimizer_state_problem
 from .report import MetricsLog, Progress, bits_per_byte, progress_bar, summary_text
