@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -180,6 +180,30 @@ def evaluate(model, stream: BatchStream, *, bptt: int, precision: str = "fp32",
     evaluation: :func:`sharnn_fast.training.dynamic.evaluate_dynamic`."""
     result = score_segments(model, stream, bptt=bptt, precision=precision, ctx=ctx)
     return result["loss"], result["tokens"]
+
+
+class WindowTotals(NamedTuple):
+    """What :meth:`Trainer.flush` learns from its one collective, over every rank."""
+    loss_sum: float  # the window's losses (nats) times their segment lengths, summed
+    stop_requests: int  # ranks that a signal asked to stop
+    bad_loss: list  # the window's steps (0 = its first) whose loss was NaN or inf on some rank
+    bad_norm: list  # the same for the gradient norm
+
+
+def _window_totals(pending: list, stop_signal: int, ctx: distributed.Context) -> WindowTotals:
+    """All-reduce one float64 vector for the steps ``pending`` [(loss, gradient norm, segment
+    length)] of a flush: [loss sum, stop requests, one loss flag per step, one norm flag per step],
+    summed over the ranks. The only synchronisation of a flush."""
+    losses = torch.stack([loss for loss, _, _ in pending]).double()  # [steps]
+    norms = torch.stack([norm.to(losses.device) for _, norm, _ in pending]).double()  # [steps]
+    lengths = losses.new_tensor([n for _, _, n in pending])  # [steps]
+    values = torch.cat([(losses * lengths).sum()[None], losses.new_tensor([float(bool(stop_signal))]),
+                        (~torch.isfinite(losses)).double(), (~torch.isfinite(norms)).double()])
+    values = distributed.all_reduce(values, ctx).tolist()
+    loss_flags, norm_flags = values[2:2 + len(pending)], values[2 + len(pending):]
+    return WindowTotals(loss_sum=values[0], stop_requests=round(values[1]),
+                        bad_loss=[i for i, flag in enumerate(loss_flags) if flag],
+                        bad_norm=[i for i, flag in enumerate(norm_flags) if flag])
 
 
 class Trainer:
@@ -442,26 +466,20 @@ class Trainer:
         exception: its GradScaler skips steps with inf gradients by design.)"""
         if not self.pending:  # the same on every rank: they all step alike
             return None
-        losses = torch.stack([loss for loss, _, _ in self.pending]).double()
-        norms = torch.stack([norm.to(losses.device) for _, norm, _ in self.pending]).double()
         lengths = [n for _, _, n in self.pending]
-        values = torch.cat([(losses * losses.new_tensor(lengths)).sum()[None],
-                            losses.new_tensor([float(self.stop_signal)]),
-                            (~torch.isfinite(losses)).double(), (~torch.isfinite(norms)).double()])
-        values = distributed.all_reduce(values, self.ctx).tolist()
+        totals = _window_totals(self.pending, self.stop_signal, self.ctx)
         first_step = self.step - len(lengths) + 1
         self.pending = []
-        if values[1]:
+        if totals.stop_requests:
             self.stop_agreed = True
             self.stop_signal = self.stop_signal or int(signal.SIGTERM)  # another rank was told to stop
         now = time.perf_counter()
         tokens_per_s = sum(lengths) * self.global_batch / max(now - self._last_log_time, 1e-9)
         self._last_log_time = now
-        loss = values[0] / (sum(lengths) * self.ctx.world_size)
+        loss = totals.loss_sum / (sum(lengths) * self.ctx.world_size)
         event = dict(step=self.step, split="train", loss=loss, bpc=bits_per_byte(loss), lr=self.lr,
                      tokens_per_s=tokens_per_s, epoch=self.epoch, tokens=self.tokens, time_s=self.elapsed())
-        bad_loss = [i for i, flag in enumerate(values[2:2 + len(lengths)]) if flag]
-        bad_norm = [i for i, flag in enumerate(values[2 + len(lengths):]) if flag]
+        bad_loss, bad_norm = totals.bad_loss, totals.bad_norm
         if bad_loss or bad_norm:
             self._log(event)
             if bad_norm and (not bad_loss or bad_norm[0] < bad_loss[0]):
@@ -637,12 +655,18 @@ class Trainer:
         self.progress.step()
         if self.step % c.log_interval == 0:
             self._log(self.flush())
-        if self.stop_agreed if self.ctx.enabled else self.stop_signal:
+        if self.should_stop():
             return False
         if self.step % c.eval_interval == 0:
             self._log(self.flush())
             self.validate_and_save()
         return True
+
+    def should_stop(self) -> bool:
+        """Whether a signal asked the run to stop: on one process, as soon as it came; on several,
+        once every rank knows of it (:meth:`flush` agrees on it), so that they all stop at the
+        same step."""
+        return self.stop_agreed if self.ctx.enabled else bool(self.stop_signal)
 
     @contextlib.contextmanager
     def _signals_caught(self):
