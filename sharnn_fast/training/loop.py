@@ -78,11 +78,27 @@ def gradient_norm(parameters: list, clip: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
+# The published random segment length (the paper's recipe, docs/model.md): bptt with probability
+# FULL_LENGTH_P, else bptt * SHORT_LENGTH_FRACTION; then Normal(that, LENGTH_STD), at least MIN_LENGTH.
+FULL_LENGTH_P = 0.95
+SHORT_LENGTH_FRACTION = 0.5
+LENGTH_STD = 5.0
+MIN_LENGTH = 5
+
+
 def draw_sequence_length(bptt: int, generator: torch.Generator) -> int:
     """The published random segment length: bptt with probability 0.95, else bptt / 2; then
     Normal(that, std 5), rounded down, at least 5, at most bptt (docs/model.md)."""
-    base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
-    return min(bptt, max(5, int(torch.normal(float(base), 5.0, (1,), generator=generator).item())))
+    full = torch.rand((), generator=generator).item() < FULL_LENGTH_P
+    base = bptt if full else bptt * SHORT_LENGTH_FRACTION
+    return min(bptt, max(MIN_LENGTH, int(torch.normal(float(base), LENGTH_STD, (1,), generator=generator).item())))
+
+
+def mean_sequence_length(bptt: int) -> float:
+    """The mean of :func:`draw_sequence_length`'s base length, in bytes: the drawn lengths' mean
+    within 3 bytes (rounding down and the cap at bptt take a little off). For estimating the steps
+    of an epoch."""
+    return bptt * (FULL_LENGTH_P + (1 - FULL_LENGTH_P) * SHORT_LENGTH_FRACTION)
 
 
 class NextByteLoss(nn.Module):
@@ -287,8 +303,7 @@ class Trainer:
         return self.config.batch_size * self.ctx.world_size
 
     def steps_per_epoch_estimate(self) -> int:
-        mean_length = self.config.bptt * (0.95 + 0.05 * 0.5)
-        return max(1, math.ceil((self.train_stream.length - 1) / mean_length))
+        return max(1, math.ceil((self.train_stream.length - 1) / mean_sequence_length(self.config.bptt)))
 
     def total_steps(self) -> Optional[int]:
         c = self.config
