@@ -222,6 +222,22 @@ def _window_totals(pending: list, stop_signal: int, ctx: distributed.Context) ->
                         bad_norm=[i for i, flag in enumerate(norm_flags) if flag])
 
 
+@contextlib.contextmanager
+def autotuning_on(enabled: bool):
+    """Autotuning on for the block when ``enabled``, and afterwards back to the process's default
+    (``autotuning.autotune(None)``: SHARNN_FAST_AUTOTUNE, else off); "auto" then measures each op's
+    backends the first time it meets a shape bucket (see sharnn_fast.autotuning). When not
+    ``enabled`` the switch stays as it is."""
+    if not enabled:
+        yield
+        return
+    autotuning.autotune(True)
+    try:
+        yield
+    finally:
+        autotuning.autotune(None)
+
+
 class Trainer:
     """One run: the model, optimizer, data streams and every piece of state that makes resume exact.
 
@@ -590,7 +606,7 @@ class Trainer:
         self.progress.message(self.startup_line())
         for notice in self.notices:
             self.progress.message(f"note: {notice}")
-        with self._signals_caught(), self._autotuning():
+        with self._signals_caught(), autotuning_on(self.autotune):
             try:
                 if not self.finished() and self.valid_due():
                     self.validate_and_save()
@@ -623,19 +639,6 @@ class Trainer:
                 f"{'s' if threads != 1 else ''}, {self.precision}, backend {c.backend or 'auto'}"
                 f"{' (autotuned at the first step)' if self.autotune else ''}, {start}; data: "
                 f"{self.data_description}; saving to {self.save_dir if self.save_dir is not None else 'nowhere'}")
-
-    @contextlib.contextmanager
-    def _autotuning(self):
-        """Autotuning on for the run when asked (and back as it was after): "auto" measures each op's
-        backends the first time it meets a shape bucket (see sharnn_fast.autotuning)."""
-        if not self.autotune:
-            yield
-            return
-        autotuning.autotune(True)
-        try:
-            yield
-        finally:
-            autotuning.autotune(None)
 
     def report_autotuning(self, seconds: float, length: int) -> dict:
         """After the first step of a tuned run: one line (and a metrics.jsonl event, split
