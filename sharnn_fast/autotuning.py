@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from . import _env
 from ._files import write_atomically
@@ -445,11 +446,8 @@ def _detached_copies(args, requires_grad: bool):
 
 
 def _tensors(tree):
-    if torch.is_tensor(tree):
-        return [tree]
-    if isinstance(tree, (tuple, list)):
-        return [t for x in tree for t in _tensors(x)]
-    return []
+    """The tensors in nested tuples and lists, in order."""
+    return [t for t in tree_leaves(tree) if torch.is_tensor(t)]
 
 
 def _outputs_and_grads(impl, args, backward: bool) -> list:

@@ -7,6 +7,7 @@ reduced-precision result must be no more than REDUCED_SLACK times as far from th
 as the reference itself computed in that dtype.
 """
 import torch
+from torch.utils._pytree import tree_leaves
 
 TOLERANCE = {
     torch.float64: 1e-10,
@@ -71,18 +72,12 @@ def outputs_and_grads(fn, inputs: dict, seed: int = 1234):
     """Run ``fn(**inputs)`` on fresh leaf copies and backpropagate a fixed random cotangent from
     every output tensor (nested tuples allowed). Returns (outputs, {name: grad})."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-    outputs = _flatten(fn(**leaves))
+    outputs = tree_leaves(fn(**leaves))
     gen = torch.Generator().manual_seed(seed)
     loss = sum((o.float() * torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.device)).sum()
                for o in outputs)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return [o.detach() for o in outputs], dict(zip(leaves, grads))
-
-
-def _flatten(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for item in out for t in _flatten(item)]
 
 
 def assert_all_close(got, expected, tolerance=torch.float32, what=""):
