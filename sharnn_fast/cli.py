@@ -400,7 +400,7 @@ def _main(argv, held: Optional[list]) -> int:
         args = build_parser().parse_args(argv)
         prog = f"sharnn {args.command}"
         from .backend import BackendUnavailableError
-        from .training._io import WriteError
+        from ._files import WriteError
         from .training.errors import Interrupted, StorageError, UserInputError
         from .training.loop import TrainingDiverged
     finally:

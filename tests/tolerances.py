@@ -7,6 +7,7 @@ reduced-precision result must be no more than REDUCED_SLACK times as far from th
 as the reference itself computed in that dtype.
 """
 import torch
+from torch.utils._pytree import tree_leaves
 
 TOLERANCE = {
     torch.float64: 1e-10,
@@ -82,9 +83,7 @@ def outputs_and_grads(fn, inputs: dict, seed: int = 1234):
 def flat_tensors(out) -> list:
     """The tensors of an op's result, in order: a tensor, or nested tuples and lists of them
     (ops.lstm's (y, (h_n, c_n)) -> [y, h_n, c_n])."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for item in out for t in flat_tensors(item)]
+    return tree_leaves(out)
 
 
 def assert_all_close(got, expected, tolerance=torch.float32, what=""):

@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     rows = smoke_calls(device)
     rows.append(reproducibility(device, args.repeats))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        from sharnn_fast._files import write_atomically
+        write_atomically(args.json, json.dumps(rows, indent=1) + "\n")
     failed = [r["check"] for r in rows if r["status"] == "FAIL"]
     print(f"smoke: {len(rows) - len(failed)} of {len(rows)} checks passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
