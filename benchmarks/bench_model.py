@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from published_sharnn import PublishedSHARNN
 from conftest import Variant
 from sharnn_fast import SHARNN, BackendUnavailableError, autotune_model, autotuning
+from sharnn_fast.training.loop import autotuning_on
 
 
 @dataclass(frozen=True)
@@ -106,18 +107,10 @@ class Case:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    @contextlib.contextmanager
     def tuning(self):
         """Autotuning on while a tuned variant runs; other variants leave the switch as it is (off
         unless the caller, e.g. bench_autotune.py, or SHARNN_FAST_AUTOTUNE turned it on)."""
-        if not self.spec.tuned:
-            yield
-            return
-        autotuning.autotune(True)
-        try:
-            yield
-        finally:
-            autotuning.autotune(None)
+        return autotuning_on(self.spec.tuned)
 
     def logits(self):
         with self.autocast():

@@ -18,9 +18,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from harness.files import write_atomically  # noqa: E402
 from harness.report import (TABLE_LEGEND, number_text, ordered_rows, ratio_to_baseline,  # noqa: E402
                             run_table, size_text, skipped_text, spread_of)
+from sharnn_fast._files import write_atomically  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 OUTPUT = HERE / "RESULTS.md"

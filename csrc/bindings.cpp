@@ -69,10 +69,8 @@ PYBIND11_MODULE(_C, m) {
              py::arg("n"), py::arg("value"), py::arg("stream"),
              "out[i] = in[i] + value on the cudaStream_t `stream` (raw pointers as ints)");
 
-  // Per-op launchers are bound here, one block per op folder, each with def_kernel:
-  //   csrc/lstm/       def_kernel("lstm", "lstm_fwd_f32", ...)
-  //   csrc/attention/  def_kernel("attention", ...)
-  //   csrc/boom/       def_kernel("boom", ...)
+  // Per-op launchers are bound here, one block per op folder csrc/<op>/ (so far only csrc/lstm/),
+  // each kernel with def_kernel(op, name, ...), which also lists it in build_info().
   def_kernel("lstm", "lstm_recurrence_fwd", &sharnn::lstm_recurrence_fwd, py::arg("dtype"),
              py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("y"),
              py::arg("c_n"), py::arg("gates_saved"), py::arg("c_saved"), py::arg("T"),

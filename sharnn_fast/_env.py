@@ -2,7 +2,8 @@
 :func:`check`, which checks them all at once (``sharnn`` calls it before it starts anything, so
 a bad value is one line and exit status 2, not an error deep inside a run).
 
-SHARNN_FAST_BACKEND (a backend name) is read by :func:`sharnn_fast.backend.get_backend`;
+SHARNN_FAST_BACKEND (a backend name) is read and checked by :func:`sharnn_fast.backend.get_backend`
+(``sharnn`` calls both; this module imports nothing of the package, so everything may import it);
 SHARNN_FAST_CACHE and SHARNN_FAST_CACHE_DIR are folders, checked when they are written.
 """
 from __future__ import annotations
@@ -43,14 +44,11 @@ def integer(name: str, default: int) -> int:
 
 def check() -> None:
     """Raise ValueError for the first environment variable of sharnn_fast (or torchrun's) whose
-    value cannot work: every switch of :data:`CHOICES`, SHARNN_FAST_BACKEND and :data:`INTEGERS`."""
-    from .backend import get_backend
-
+    value cannot work: every switch of :data:`CHOICES` and :data:`INTEGERS`."""
     for name in CHOICES:
         choice(name)
     for name in INTEGERS:
         integer(name, 0)
-    get_backend()
 
 
 def _or(values) -> str:

@@ -51,15 +51,16 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from . import _env
+from ._files import write_atomically
 
 try:
     import fcntl
@@ -316,23 +317,7 @@ def _save_entry(key: str, entry: dict) -> None:
 def _write_atomically(path: Path, data: dict) -> None:
     """JSON to a temporary file beside ``path``, flushed to disk, then renamed over it: a reader
     sees the old file or the new one, never a part."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", suffix=".tmp",
-                                     delete=False) as tmp:
-        try:
-            from .training._io import new_file_mode  # here: training imports this module
-
-            os.chmod(tmp.name, new_file_mode(path))  # NamedTemporaryFile's 0600 would ignore the umask
-            json.dump(data, tmp, indent=1, sort_keys=True)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    try:
-        os.replace(tmp.name, path)
-    except BaseException:
-        os.unlink(tmp.name)
-        raise
+    write_atomically(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def clear_autotune_cache() -> None:
@@ -455,11 +440,8 @@ def _detached_copies(args, requires_grad: bool):
 
 
 def _tensors(tree):
-    if torch.is_tensor(tree):
-        return [tree]
-    if isinstance(tree, (tuple, list)):
-        return [t for x in tree for t in _tensors(x)]
-    return []
+    """The tensors in nested tuples and lists, in order."""
+    return [t for t in tree_leaves(tree) if torch.is_tensor(t)]
 
 
 def _outputs_and_grads(impl, args, backward: bool) -> list:

@@ -400,7 +400,7 @@ def _main(argv, held: Optional[list]) -> int:
         args = build_parser().parse_args(argv)
         prog = f"sharnn {args.command}"
         from .backend import BackendUnavailableError
-        from .training._io import WriteError
+        from ._files import WriteError
         from .training.errors import Interrupted, StorageError, UserInputError
         from .training.loop import TrainingDiverged
     finally:
@@ -438,10 +438,12 @@ def _check_environment() -> None:
     """Every SHARNN_FAST_* switch (and torchrun's variables) checked before anything starts: a bad
     value is bad input, named in one line, not an error found in the middle of a run."""
     from . import _env
+    from .backend import get_backend
     from .training.errors import UserInputError
 
     try:
         _env.check()
+        get_backend()  # checks SHARNN_FAST_BACKEND
     except ValueError as err:
         raise UserInputError(str(err)) from None
 

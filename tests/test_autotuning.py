@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import sharnn_fast
+from op_cases import OP_CASES
 from sharnn_fast import autotuning, backend, ops
 from sharnn_fast.ops.boom.reference import boom_reference
+from tolerances import flat_tensors
 
 boom_module = importlib.import_module("sharnn_fast.ops.boom")  # the package; ops.boom is the function
 
@@ -103,34 +105,26 @@ def test_a_backend_that_raises_is_excluded(monkeypatch):
         ops.boom(*boom_inputs())
 
 
-@pytest.mark.parametrize("op", ["boom", "lstm", "attention"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_tuning_changes_neither_results_nor_random_stream_nor_gradients(op):
-    """The first, tuning call gives exactly what the chosen backend gives untuned: the same output,
+    """The first, tuning call gives exactly what the chosen backend gives untuned: the same outputs,
     the same gradients, and the same next random numbers (dropout on, in training)."""
+    case = OP_CASES[op]
+    dropout = dict(dropout_p=0.3, training=True) if case.has_dropout else {}
+
     def call(backend_name):
         torch.manual_seed(5)
-        if op == "boom":
-            x, w, b = boom_inputs(requires_grad=True)
-            y = ops.boom(x, w, b, dropout_p=0.3, training=True, backend=backend_name)
-            leaves = [x]
-        elif op == "attention":
-            q, k = torch.randn(5, 2, 8, requires_grad=True), torch.randn(9, 2, 8, requires_grad=True)
-            y = ops.attention(q, k, k, dropout_p=0.2, training=True, backend=backend_name)
-            leaves = [q, k]
-        else:
-            x = torch.randn(6, 2, 8, requires_grad=True)
-            w = [0.3 * torch.randn(32, 8), 0.3 * torch.randn(32, 8), torch.zeros(32), torch.zeros(32)]
-            y = ops.lstm(x, *w, backend=backend_name)[0]
-            leaves = [x]
-        grads = torch.autograd.grad((y * y).sum(), leaves)
-        return y.detach(), grads, torch.rand(4)
+        leaves = {name: t.requires_grad_(True) for name, t in case.inputs("small").items()}
+        outputs = flat_tensors(case.call(leaves, backend=backend_name, **dropout))
+        grads = torch.autograd.grad(sum((y * y).sum() for y in outputs), list(leaves.values()))
+        return [y.detach() for y in outputs], grads, torch.rand(4)
 
     sharnn_fast.autotune(True)
     tuned = call(None)
     chosen = sharnn_fast.explain().split(f"{op}: ")[1].split(" ")[0]
     sharnn_fast.autotune(False)
     untuned = call(chosen)
-    assert torch.equal(tuned[0], untuned[0])
+    assert all(torch.equal(a, b) for a, b in zip(tuned[0], untuned[0]))
     assert all(torch.equal(a, b) for a, b in zip(tuned[1], untuned[1]))
     assert torch.equal(tuned[2], untuned[2]), "tuning moved the random number stream"
 

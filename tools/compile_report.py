@@ -545,18 +545,6 @@ def markdown(arch: str, rows: list[dict], found: list[str], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp.name, 0o666 & ~umask)  # a temporary file is private; the result is an ordinary file
-    os.replace(tmp.name, path)
-
-
 def _git_revision() -> str:
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return done.stdout.strip() or "unknown"
@@ -590,6 +578,8 @@ def main(argv=None) -> int:
 
     import torch
     import triton
+
+    from sharnn_fast._files import write_atomically
     started = time.perf_counter()
     jobs = collect_jobs(args.ops, args.sizes)
     print(f"compile_report: {len(jobs)} distinct Triton launches x {len(args.arch)} archs, "

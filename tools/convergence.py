@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import sharnn_fast
+from sharnn_fast._files import write_atomically
 # The package's own recipe pieces, the ones `sharnn train` uses: the corpus, LAMB, the lengths.
 from sharnn_fast.training.data import stdlib_docstrings
 from sharnn_fast.training.loop import draw_sequence_length
@@ -122,8 +123,7 @@ def main():
         max_abs_loss_difference_nats=max(abs(x - y) for x, y in zip(a, b)),
         curves=curves)
     stem = RESULTS_DIR / f"convergence_{re.sub(r'[^A-Za-z0-9]+', '-', summary['device']).lower()}_{args.dtype}"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_atomically(stem.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=1))
     try:
         plot(curves, unigram, f"{summary['text']}; {summary['device']}, {args.dtype}", stem.with_suffix(".png"))

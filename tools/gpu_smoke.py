@@ -4,7 +4,8 @@ LSTM bitwise reproducible at the paper's size?
     python tools/gpu_smoke.py [--device cuda|cpu] [--json PATH]
 
 1. One tiny call per (op, backend), forward and backward, float32, then a device synchronize, so an
-   illegal address or a launch error is caught here and named, not three phases later. Each result
+   illegal address or a launch error is caught here and named, not three phases later. The ops, their
+   inputs (the "smoke" shapes) and calls come from the tests' registry, tests/op_cases.py. Each result
    is held loosely against the reference (relative error under 1e-2: this finds crashes and garbage,
    the tests find the rest).
 2. The paper's LSTM layer (T 1024, B 16, I = H = 1024) in bfloat16 with the cuda backend, forward
@@ -41,28 +42,19 @@ def parse_args(argv=None):
     return args
 
 
-def tiny_inputs(op: str, device):
-    import torch
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device)
-    if op == "lstm":
-        T, B, I, H = 5, 3, 16, 32
-        return dict(x=randn(T, B, I), weight_ih=randn(4 * H, I, scale=0.2),
-                    weight_hh=randn(4 * H, H, scale=0.2), bias_ih=randn(4 * H, scale=0.1),
-                    bias_hh=randn(4 * H, scale=0.1))
-    if op == "attention":
-        return dict(q=randn(5, 2, 32), k=randn(9, 2, 32), v=randn(9, 2, 32))
-    return dict(x=randn(5, 2, 32), weight=randn(64, 32, scale=32 ** -0.5), bias=randn(64, scale=0.1))
+def op_cases():
+    """tests/op_cases.py's registry of the ops (their inputs and calls), imported once torch may be."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)  # the registry, and the tolerances module it imports
+    from op_cases import OP_CASES
+    return OP_CASES
 
 
 def call(op: str, backend: str, inputs: dict):
     """The op's output tensor (for lstm, y) for ``inputs``."""
-    from sharnn_fast import ops
-    if op == "lstm":
-        return ops.lstm(**inputs, backend=backend)[0]
-    return getattr(ops, op)(**inputs, backend=backend)
+    out = op_cases()[op].call(inputs, backend=backend)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def forward_backward(op: str, backend: str, inputs: dict):
@@ -89,12 +81,15 @@ def relative_error(a, b) -> float:
 
 
 def smoke_calls(device) -> list[dict]:
+    import torch
+
     import sharnn_fast
     results = []
     backends = {"lstm": ["reference", "torch", "triton", "cuda"], "attention": ["reference", "torch", "triton"],
                 "boom": ["reference", "torch", "triton"]}
     for op, names in backends.items():
-        inputs = tiny_inputs(op, device)
+        torch.manual_seed(0)
+        inputs = op_cases()[op].inputs("smoke", device=device)
         expected = forward_backward(op, "reference", inputs)
         for backend in names:
             started = time.perf_counter()
@@ -126,10 +121,8 @@ def reproducibility(device, repeats: int) -> dict:
         backend, (T, B, I, H), dtype = "cuda", (1024, 16, 1024, 1024), torch.bfloat16
     else:
         backend, (T, B, I, H), dtype = "torch", (16, 4, 32, 32), torch.float32
-    g = torch.Generator().manual_seed(1)
-    inputs = {k: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype) for k, s, scale in [
-        ("x", (T, B, I), 1.0), ("weight_ih", (4 * H, I), H ** -0.5), ("weight_hh", (4 * H, H), H ** -0.5),
-        ("bias_ih", (4 * H,), 0.1), ("bias_hh", (4 * H,), 0.1)]}
+    torch.manual_seed(1)
+    inputs = op_cases()["lstm"].make_inputs(T, B, I, H, device=device, dtype=dtype, with_state=False)
     check = f"lstm {backend} {dtype} T{T} B{B} H{H} x{repeats} bitwise"
     started, trace = time.perf_counter(), None
     try:
@@ -164,7 +157,8 @@ def main(argv=None) -> int:
     rows = smoke_calls(device)
     rows.append(reproducibility(device, args.repeats))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        from sharnn_fast._files import write_atomically
+        write_atomically(args.json, json.dumps(rows, indent=1) + "\n")
     failed = [r["check"] for r in rows if r["status"] == "FAIL"]
     print(f"smoke: {len(rows) - len(failed)} of {len(rows)} checks passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

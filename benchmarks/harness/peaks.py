@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sharnn_fast._files import write_atomically
 from sharnn_fast.autotuning import cpu_name
-
-from .files import write_atomically
 
 CACHE_ENV = "SHARNN_BENCH_PEAKS"
 CACHE_FORMAT = 1

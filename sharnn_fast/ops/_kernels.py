@@ -1,6 +1,7 @@
-"""What the kernel implementations (triton*.py, cuda.py) share: the dtype they run in under autocast,
-the device checks of a Triton backend, and :func:`interpreted`, the one test of whether Triton's
-interpreter runs a kernel. Not an implementation itself.
+"""What the kernel implementations (triton*.py, cuda.py, the materialised attention paths) share:
+the dtype they run in under autocast, the device checks of a Triton backend, the allocator of the
+buffers a kernel fills, and :func:`interpreted`, the one test of whether Triton's interpreter runs a
+kernel. Not an implementation itself.
 
 Every Triton kernel module builds its launch configuration the same way: named tuning constants
 (``GPU_CONFIG``, ``GPU_CONFIG_FP32``, ``INTERPRETER_CONFIG`` or ``GPU_MAX_*`` / ``INTERPRETER_*``
@@ -18,6 +19,20 @@ import torch
 from ._dtypes import compute_dtype  # noqa: F401  (the kernels import it from here)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Switched on by the tests (tests/ops/conftest.py): every buffer from new_output then starts as NaN,
+# so an element that no kernel writes (or that one reads before another block wrote it) shows up in
+# the comparison with the reference instead of passing by luck.
+FILL_OUTPUTS_WITH_NAN = False
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A fresh buffer of ``shape`` (a tuple or torch.Size) that a kernel must fill completely:
+    uninitialised, or all NaN while FILL_OUTPUTS_WITH_NAN is set. Buffers a kernel fills only in
+    part, or accumulates into, are not allocated here."""
+    if FILL_OUTPUTS_WITH_NAN:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def interpreted(kernel) -> bool:

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_open
+from .._files import atomic_open
 from .config import ARCHITECTURE_KEYS, TrainConfig, build_model
 from .errors import UserInputError
 

@@ -26,7 +26,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ._io import FolderLock, atomic_open, remove_stale_temporaries
+from .._files import atomic_open
+from ._io import FolderLock, remove_stale_temporaries
 from .errors import UserInputError
 
 SPLITS = ("train", "valid", "test")

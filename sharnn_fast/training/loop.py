@@ -17,13 +17,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import autotuning
+from .._files import WriteError
 from ..backend import explain, get_backend
 from . import distributed
 from .checkpoint import (check_architecture, describe_tensors, load_weights, model_from_checkpoint,
@@ -31,7 +32,6 @@ from .checkpoint import (check_architecture, describe_tensors, load_weights, mod
 from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
                      validate)
 from .data import BatchStream, check_same_data, load_corpus
-from ._io import WriteError
 from .errors import Interrupted, StorageError, UserInputError
 from .optim import build_optimizer, learning_rate, optimizer_state_problem
 from .report import MetricsLog, Progress, bits_per_byte, progress_bar, summary_text
@@ -78,11 +78,27 @@ def gradient_norm(parameters: list, clip: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
+# The published random segment length (the paper's recipe, docs/model.md): bptt with probability
+# FULL_LENGTH_P, else bptt * SHORT_LENGTH_FRACTION; then Normal(that, LENGTH_STD), at least MIN_LENGTH.
+FULL_LENGTH_P = 0.95
+SHORT_LENGTH_FRACTION = 0.5
+LENGTH_STD = 5.0
+MIN_LENGTH = 5
+
+
 def draw_sequence_length(bptt: int, generator: torch.Generator) -> int:
     """The published random segment length: bptt with probability 0.95, else bptt / 2; then
     Normal(that, std 5), rounded down, at least 5, at most bptt (docs/model.md)."""
-    base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
-    return min(bptt, max(5, int(torch.normal(float(base), 5.0, (1,), generator=generator).item())))
+    full = torch.rand((), generator=generator).item() < FULL_LENGTH_P
+    base = bptt if full else bptt * SHORT_LENGTH_FRACTION
+    return min(bptt, max(MIN_LENGTH, int(torch.normal(float(base), LENGTH_STD, (1,), generator=generator).item())))
+
+
+def mean_sequence_length(bptt: int) -> float:
+    """The mean of :func:`draw_sequence_length`'s base length, in bytes: the drawn lengths' mean
+    within 3 bytes (rounding down and the cap at bptt take a little off). For estimating the steps
+    of an epoch."""
+    return bptt * (FULL_LENGTH_P + (1 - FULL_LENGTH_P) * SHORT_LENGTH_FRACTION)
 
 
 class NextByteLoss(nn.Module):
@@ -182,6 +198,46 @@ def evaluate(model, stream: BatchStream, *, bptt: int, precision: str = "fp32",
     return result["loss"], result["tokens"]
 
 
+class WindowTotals(NamedTuple):
+    """What :meth:`Trainer.flush` learns from its one collective, over every rank."""
+    loss_sum: float  # the window's losses (nats) times their segment lengths, summed
+    stop_requests: int  # ranks that a signal asked to stop
+    bad_loss: list  # the window's steps (0 = its first) whose loss was NaN or inf on some rank
+    bad_norm: list  # the same for the gradient norm
+
+
+def _window_totals(pending: list, stop_signal: int, ctx: distributed.Context) -> WindowTotals:
+    """All-reduce one float64 vector for the steps ``pending`` [(loss, gradient norm, segment
+    length)] of a flush: [loss sum, stop requests, one loss flag per step, one norm flag per step],
+    summed over the ranks. The only synchronisation of a flush."""
+    losses = torch.stack([loss for loss, _, _ in pending]).double()  # [steps]
+    norms = torch.stack([norm.to(losses.device) for _, norm, _ in pending]).double()  # [steps]
+    lengths = losses.new_tensor([n for _, _, n in pending])  # [steps]
+    values = torch.cat([(losses * lengths).sum()[None], losses.new_tensor([float(bool(stop_signal))]),
+                        (~torch.isfinite(losses)).double(), (~torch.isfinite(norms)).double()])
+    values = distributed.all_reduce(values, ctx).tolist()
+    loss_flags, norm_flags = values[2:2 + len(pending)], values[2 + len(pending):]
+    return WindowTotals(loss_sum=values[0], stop_requests=round(values[1]),
+                        bad_loss=[i for i, flag in enumerate(loss_flags) if flag],
+                        bad_norm=[i for i, flag in enumerate(norm_flags) if flag])
+
+
+@contextlib.contextmanager
+def autotuning_on(enabled: bool):
+    """Autotuning on for the block when ``enabled``, and afterwards back to the process's default
+    (``autotuning.autotune(None)``: SHARNN_FAST_AUTOTUNE, else off); "auto" then measures each op's
+    backends the first time it meets a shape bucket (see sharnn_fast.autotuning). When not
+    ``enabled`` the switch stays as it is."""
+    if not enabled:
+        yield
+        return
+    autotuning.autotune(True)
+    try:
+        yield
+    finally:
+        autotuning.autotune(None)
+
+
 class Trainer:
     """One run: the model, optimizer, data streams and every piece of state that makes resume exact.
 
@@ -263,8 +319,7 @@ class Trainer:
         return self.config.batch_size * self.ctx.world_size
 
     def steps_per_epoch_estimate(self) -> int:
-        mean_length = self.config.bptt * (0.95 + 0.05 * 0.5)
-        return max(1, math.ceil((self.train_stream.length - 1) / mean_length))
+        return max(1, math.ceil((self.train_stream.length - 1) / mean_sequence_length(self.config.bptt)))
 
     def total_steps(self) -> Optional[int]:
         c = self.config
@@ -442,26 +497,20 @@ class Trainer:
         exception: its GradScaler skips steps with inf gradients by design.)"""
         if not self.pending:  # the same on every rank: they all step alike
             return None
-        losses = torch.stack([loss for loss, _, _ in self.pending]).double()
-        norms = torch.stack([norm.to(losses.device) for _, norm, _ in self.pending]).double()
         lengths = [n for _, _, n in self.pending]
-        values = torch.cat([(losses * losses.new_tensor(lengths)).sum()[None],
-                            losses.new_tensor([float(self.stop_signal)]),
-                            (~torch.isfinite(losses)).double(), (~torch.isfinite(norms)).double()])
-        values = distributed.all_reduce(values, self.ctx).tolist()
+        totals = _window_totals(self.pending, self.stop_signal, self.ctx)
         first_step = self.step - len(lengths) + 1
         self.pending = []
-        if values[1]:
+        if totals.stop_requests:
             self.stop_agreed = True
             self.stop_signal = self.stop_signal or int(signal.SIGTERM)  # another rank was told to stop
         now = time.perf_counter()
         tokens_per_s = sum(lengths) * self.global_batch / max(now - self._last_log_time, 1e-9)
         self._last_log_time = now
-        loss = values[0] / (sum(lengths) * self.ctx.world_size)
+        loss = totals.loss_sum / (sum(lengths) * self.ctx.world_size)
         event = dict(step=self.step, split="train", loss=loss, bpc=bits_per_byte(loss), lr=self.lr,
                      tokens_per_s=tokens_per_s, epoch=self.epoch, tokens=self.tokens, time_s=self.elapsed())
-        bad_loss = [i for i, flag in enumerate(values[2:2 + len(lengths)]) if flag]
-        bad_norm = [i for i, flag in enumerate(values[2 + len(lengths):]) if flag]
+        bad_loss, bad_norm = totals.bad_loss, totals.bad_norm
         if bad_loss or bad_norm:
             self._log(event)
             if bad_norm and (not bad_loss or bad_norm[0] < bad_loss[0]):
@@ -557,7 +606,7 @@ class Trainer:
         self.progress.message(self.startup_line())
         for notice in self.notices:
             self.progress.message(f"note: {notice}")
-        with self._signals_caught(), self._autotuning():
+        with self._signals_caught(), autotuning_on(self.autotune):
             try:
                 if not self.finished() and self.valid_due():
                     self.validate_and_save()
@@ -590,19 +639,6 @@ class Trainer:
                 f"{'s' if threads != 1 else ''}, {self.precision}, backend {c.backend or 'auto'}"
                 f"{' (autotuned at the first step)' if self.autotune else ''}, {start}; data: "
                 f"{self.data_description}; saving to {self.save_dir if self.save_dir is not None else 'nowhere'}")
-
-    @contextlib.contextmanager
-    def _autotuning(self):
-        """Autotuning on for the run when asked (and back as it was after): "auto" measures each op's
-        backends the first time it meets a shape bucket (see sharnn_fast.autotuning)."""
-        if not self.autotune:
-            yield
-            return
-        autotuning.autotune(True)
-        try:
-            yield
-        finally:
-            autotuning.autotune(None)
 
     def report_autotuning(self, seconds: float, length: int) -> dict:
         """After the first step of a tuned run: one line (and a metrics.jsonl event, split
@@ -637,12 +673,18 @@ class Trainer:
         self.progress.step()
         if self.step % c.log_interval == 0:
             self._log(self.flush())
-        if self.stop_agreed if self.ctx.enabled else self.stop_signal:
+        if self.should_stop():
             return False
         if self.step % c.eval_interval == 0:
             self._log(self.flush())
             self.validate_and_save()
         return True
+
+    def should_stop(self) -> bool:
+        """Whether a signal asked the run to stop: on one process, as soon as it came; on several,
+        once every rank knows of it (:meth:`flush` agrees on it), so that they all stop at the
+        same step."""
+        return self.stop_agreed if self.ctx.enabled else bool(self.stop_signal)
 
     @contextlib.contextmanager
     def _signals_caught(self):

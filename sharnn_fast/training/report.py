@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ._io import WriteError, write_failure
+from .._files import WriteError, write_failure
 from .errors import UserInputError
 
 METRICS_NAME = "metrics.jsonl"

@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from ._io import FolderLock, atomic_open, remove_stale_temporaries
+from .._files import atomic_open
+from ._io import FolderLock, remove_stale_temporaries
 from .errors import UserInputError
 from .report import METRICS_NAME
 

@@ -3,23 +3,12 @@ import math
 import pytest
 import torch
 
+from op_cases import ATTENTION, attention_inputs
 from sharnn_fast import ops
-from tolerances import assert_all_close, compare_in_reduced_precision, fp32_tolerance, outputs_and_grads
+from tolerances import compare_in_reduced_precision, fp32_tolerance
 
 # (Tq, Tk, B, d): one query, no memory, memory in front of the keys, widths not powers of two.
 SHAPES = [(1, 1, 1, 80), (1, 37, 3, 96), (37, 37, 3, 80), (37, 82, 3, 96), (5, 12, 2, 16)]
-
-
-def attention_inputs(Tq, Tk, B, d, device="cpu", dtype=torch.float32):
-    return dict(q=torch.randn(Tq, B, d, device=device, dtype=dtype),
-                k=torch.randn(Tk, B, d, device=device, dtype=dtype),
-                v=torch.randn(Tk, B, d, device=device, dtype=dtype))
-
-
-def run_attention(backend, **kwargs):
-    def fn(q, k, v):
-        return ops.attention(q, k, v, backend=backend, **kwargs)
-    return fn
 
 
 @pytest.mark.parametrize("Tq, Tk", [(3, 3), (3, 7), (1, 4)])
@@ -43,16 +32,13 @@ def test_reference_mask_is_aligned_to_the_end():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_matches_reference(shape, device):
-    inputs = attention_inputs(*shape, device=device)
-    tolerance = fp32_tolerance(device)
-    assert_all_close(outputs_and_grads(run_attention("torch"), inputs),
-                     outputs_and_grads(run_attention("reference"), inputs), tolerance, what="torch attention")
+    ATTENTION.assert_matches_reference("torch", attention_inputs(*shape, device=device), fp32_tolerance(device))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_reduced_precision_on_gpu(dtype):
-    compare_in_reduced_precision(run_attention("torch"), run_attention("reference"),
+    compare_in_reduced_precision(ATTENTION.run("torch"), ATTENTION.run("reference"),
                                  attention_inputs(37, 82, 3, 96, device="cuda"), dtype)
 
 

@@ -4,17 +4,17 @@ opcheck and torch.compile.
 
 On CUDA the path is what backend="torch" runs from d = 257 up; on CPU SDPA runs at every width, so
 the CPU tests force the path (the ``materialised_everywhere`` fixture, or path=...). Every buffer the
-path allocates starts as NaN (``_poison``).
+path allocates starts as NaN (tests/ops/conftest.py).
 """
 import pytest
 import torch
 
 import sharnn_fast
+from op_cases import ATTENTION, attention_inputs
 from sharnn_fast import ops
 from sharnn_fast.ops.attention import materialised, torch_native
 from sharnn_fast.ops.attention.torch_native import attention_scores_bwd, attention_scores_fwd, attention_torch
-from tolerances import (REDUCED_SLACK, assert_all_close, fp32_tolerance, outputs_and_grads,
-                        relative_error)
+from tolerances import assert_all_close, fp32_tolerance, outputs_and_grads, relative_error
 
 # (Tq, Tk, B, d, dv): one query, no memory, a memory in front, batch 1 and 3, values narrower than
 # keys, widths not powers of two, and the paper's width.
@@ -22,25 +22,10 @@ SHAPES = [(1, 37, 3, 300, 300), (37, 37, 1, 260, 260), (37, 82, 3, 300, 200), (5
           (3, 7, 1, 1024, 1024)]
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(materialised, "POISON_OUTPUTS", True)
-
-
 @pytest.fixture
 def materialised_everywhere(monkeypatch):
     """backend="torch" takes the materialised path at every width and on every device."""
     monkeypatch.setattr(torch_native, "torch_path", lambda device, d, dtype: "materialised")
-
-
-def inputs_for(Tq, Tk, B, d, dv, device="cpu", dtype=torch.float32):
-    return dict(q=torch.randn(Tq, B, d, device=device, dtype=dtype),
-                k=torch.randn(Tk, B, d, device=device, dtype=dtype),
-                v=torch.randn(Tk, B, dv, device=device, dtype=dtype))
-
-
-def run(backend, **kwargs):
-    return lambda q, k, v: ops.attention(q, k, v, backend=backend, **kwargs)
 
 
 def test_selection():
@@ -53,45 +38,23 @@ def test_selection():
 
 
 def test_explain_names_the_path(materialised_everywhere, monkeypatch):
-    ops.attention(**inputs_for(5, 12, 2, 300, 300), backend="torch")
+    ops.attention(**attention_inputs(5, 12, 2, 300, 300), backend="torch")
     assert "materialised scores" in sharnn_fast.explain()
     monkeypatch.setattr(torch_native, "torch_path", lambda device, d, dtype: "sdpa")
-    ops.attention(**inputs_for(5, 12, 2, 300, 300), backend="torch")
+    ops.attention(**attention_inputs(5, 12, 2, 300, 300), backend="torch")
     assert "attention: torch" in sharnn_fast.explain()
     assert "scaled_dot_product_attention" in sharnn_fast.explain()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp32_matches_reference(shape, device, materialised_everywhere):
-    inputs = inputs_for(*shape, device=device)
-    assert_all_close(outputs_and_grads(run("torch"), inputs), outputs_and_grads(run("reference"), inputs),
-                     fp32_tolerance(device, "reference"), what="torch materialised attention")
-
-
-def _reduced_precision(shape, dtype, device, training=False, draws=3):
-    """The path in ``dtype`` within REDUCED_SLACK x the same-dtype reference's error against the fp32
-    reference, output and every gradient (worst over a few draws, as test_attention_triton.py)."""
-    worst = {}
-    for _ in range(draws):
-        inputs = inputs_for(*shape, device=device)
-        expected = outputs_and_grads(run("reference"), inputs)
-        low = {name: t.to(dtype) for name, t in inputs.items()}
-        reference = outputs_and_grads(run("reference"), low)
-        got = outputs_and_grads(run("torch"), low)
-        assert got[0][0].dtype == dtype
-        for name, g, r, e in [("output", got[0][0], reference[0][0], expected[0][0])] + [
-                (f"grad of {n}", got[1][n], reference[1][n], expected[1][n]) for n in expected[1]]:
-            errors = worst.setdefault(name, [0.0, 0.0])
-            errors[0] = max(errors[0], relative_error(g, e))
-            errors[1] = max(errors[1], relative_error(r, e))
-    for name, (got_error, ref_error) in worst.items():
-        assert got_error <= REDUCED_SLACK * ref_error, (
-            f"{name}: relative error {got_error:.3g} > {REDUCED_SLACK} x the reference's {ref_error:.3g}")
+    ATTENTION.assert_matches_reference("torch", attention_inputs(*shape, device=device),
+                                       fp32_tolerance(device, "reference"), what="torch materialised attention")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_matches_reference(dtype, device, materialised_everywhere):
-    _reduced_precision((37, 82, 3, 300, 300), dtype, device)
+    ATTENTION.assert_reduced_precision("torch", (37, 82, 3, 300, 300), dtype, device)
 
 
 @pytest.mark.gpu
@@ -99,9 +62,9 @@ def test_reduced_precision_matches_reference(dtype, device, materialised_everywh
 def test_paper_width_on_gpu_takes_the_path(dtype):
     """On CUDA, backend="torch" at d = 1024 runs the materialised path, within the reduced-precision
     bound, under autocast too."""
-    _reduced_precision((64, 200, 2, 1024, 1024), dtype, torch.device("cuda"))
+    ATTENTION.assert_reduced_precision("torch", (64, 200, 2, 1024, 1024), dtype, torch.device("cuda"))
     assert "materialised scores" in sharnn_fast.explain()
-    q, k, v = inputs_for(64, 200, 2, 1024, 1024, device="cuda").values()
+    q, k, v = attention_inputs(64, 200, 2, 1024, 1024, device="cuda").values()
     with torch.autocast("cuda", dtype=dtype):
         assert ops.attention(q, k, v, backend="torch").dtype == dtype
 
@@ -114,7 +77,7 @@ def test_chunked_equals_whole(budget, plan, device, monkeypatch):
     shape = (37, 82, 3, 48, 32)
     assert materialised.chunk_plan(3, 37, 82, 48, 32, torch.float32, True, budget=budget,
                                    score_bytes=torch_native.SCORE_BYTES[True]) == plan
-    inputs = inputs_for(*shape, device=device)
+    inputs = attention_inputs(*shape, device=device)
     force = dict(path="materialised")
     whole = outputs_and_grads(lambda q, k, v: attention_torch(q, k, v, **force), inputs)
     monkeypatch.setattr(materialised, "SCORES_MEMORY_BUDGET", budget)
@@ -126,7 +89,7 @@ def test_dropout_matches_reference_with_the_same_mask(device):
     """With dropout, out and every gradient equal the reference math with the mask the forward drew
     (returned by the op): softmax, times keep / (1 - p), then P V."""
     Tq, Tk, B, d, p = 37, 82, 3, 300, 0.3
-    inputs = inputs_for(Tq, Tk, B, d, d, device=device)
+    inputs = attention_inputs(Tq, Tk, B, d, d, device=device)
     torch.manual_seed(7)
     _, _, keep = attention_scores_fwd(*inputs.values(), p)
     assert keep.shape == (B, Tq, Tk) and keep.dtype == torch.bool
@@ -151,7 +114,7 @@ def test_dropout_mask_follows_torch_seed(device, monkeypatch):
     """The same seed draws the same mask (outputs and gradients equal, also when chunked); another
     seed another one; p = 0 in training and any p outside training are the plain path; p = 1 drops
     every weight."""
-    inputs = inputs_for(37, 82, 3, 300, 300, device=device)
+    inputs = attention_inputs(37, 82, 3, 300, 300, device=device)
 
     def seeded(seed, p=0.2, training=True):
         def fn(q, k, v):
@@ -174,7 +137,7 @@ def test_dropout_mask_follows_torch_seed(device, monkeypatch):
 
 
 def test_higher_order_gradient_raises(materialised_everywhere):
-    q, k, v = (t.requires_grad_() for t in inputs_for(5, 12, 2, 300, 300).values())
+    q, k, v = (t.requires_grad_() for t in attention_inputs(5, 12, 2, 300, 300).values())
     y = ops.attention(q, k, v, backend="torch")
     (grad_q,) = torch.autograd.grad(y.sum(), q, create_graph=False)
     assert torch.isfinite(grad_q).all()
@@ -185,14 +148,14 @@ def test_higher_order_gradient_raises(materialised_everywhere):
 
 def test_float64_is_refused_by_the_path_not_computed_in_fp32():
     with pytest.raises(ValueError, match="float64"):
-        attention_torch(*inputs_for(3, 7, 1, 300, 300, dtype=torch.float64).values(), path="materialised")
+        attention_torch(*attention_inputs(3, 7, 1, 300, 300, dtype=torch.float64).values(), path="materialised")
     with pytest.raises(ValueError, match="path must be"):
-        attention_torch(*inputs_for(3, 7, 1, 300, 300).values(), path="flash")
+        attention_torch(*attention_inputs(3, 7, 1, 300, 300).values(), path="flash")
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_opcheck(dropout_p):
-    q, k, v = inputs_for(5, 12, 2, 40, 24).values()
+    q, k, v = attention_inputs(5, 12, 2, 40, 24).values()
     torch.library.opcheck(attention_scores_fwd, (q, k, v, 0.0))
     torch.manual_seed(0)
     out, lse, keep = attention_scores_fwd(q, k, v, dropout_p)
@@ -205,8 +168,8 @@ def test_compiles_in_one_graph_with_dynamic_shapes(materialised_everywhere):
     B (aot_eager: the tracing, fake shapes and autograd registration, without Inductor's minutes of
     C++ compilation on a small CPU), and gives the eager values and gradients."""
     torch._dynamo.reset()
-    compiled = torch.compile(run("torch"), fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(ATTENTION.run("torch"), fullgraph=True, dynamic=True, backend="aot_eager")
     for shape in [(5, 12, 2, 300, 300), (7, 20, 3, 300, 300)]:
-        inputs = inputs_for(*shape)
-        assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(run("torch"), inputs), torch.float32,
-                         what=f"compiled {shape}")
+        inputs = attention_inputs(*shape)
+        assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(ATTENTION.run("torch"), inputs),
+                         torch.float32, what=f"compiled {shape}")

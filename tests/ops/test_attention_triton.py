@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("triton")
 
 import sharnn_fast  # noqa: E402
+from op_cases import ATTENTION, attention_inputs  # noqa: E402
 from sharnn_fast import ops  # noqa: E402
 from sharnn_fast.ops.attention import triton as attention_triton_module  # noqa: E402
-from sharnn_fast.ops.attention import triton_common, triton_flash  # noqa: E402
-from tolerances import (REDUCED_SLACK, assert_all_close, fp32_tolerance, outputs_and_grads,  # noqa: E402
-                        relative_error)
+from sharnn_fast.ops.attention import triton_flash  # noqa: E402
+from tolerances import assert_all_close, fp32_tolerance, outputs_and_grads  # noqa: E402
 
 # (Tq, Tk, B, d, dv): one query, no memory, a memory in front of the keys, widths not powers of two,
 # values narrower than keys, and a width past 2048.
@@ -31,60 +31,15 @@ def device(triton_device):
     return triton_device
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Every output the kernels allocate starts as NaN, so an element they never write fails."""
-    monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
-
-
-def attention_inputs(Tq, Tk, B, d, dv, device, dtype=torch.float32):
-    return dict(q=torch.randn(Tq, B, d, device=device, dtype=dtype),
-                k=torch.randn(Tk, B, d, device=device, dtype=dtype),
-                v=torch.randn(Tk, B, dv, device=device, dtype=dtype))
-
-
-def run_attention(backend, **kwargs):
-    def fn(q, k, v):
-        return ops.attention(q, k, v, backend=backend, **kwargs)
-    return fn
-
-
-def check_reduced_precision(shape, dtype, device, draws=3):
-    """Triton in ``dtype`` is within REDUCED_SLACK x the same-dtype reference's error against the
-    fp32 reference, for the output and every gradient. Both errors are the worst over a few draws:
-    at these small sizes one draw's max-norm error is set by where the last rounding happens to fall
-    (one query gives dk one product per element), and the reference is sometimes lucky."""
-    worst = {}  # name -> [triton's worst error, reference's worst error]
-    for _ in range(draws):
-        inputs = attention_inputs(*shape, device=device)
-        expected_out, expected_grads = outputs_and_grads(run_attention("reference"), inputs)
-        low = {name: t.to(dtype) for name, t in inputs.items()}
-        ref_out, ref_grads = outputs_and_grads(run_attention("reference"), low)
-        got_out, got_grads = outputs_and_grads(run_attention("triton"), low)
-        assert got_out[0].dtype == dtype
-        cases = {"output": (got_out[0], ref_out[0], expected_out[0])}
-        cases.update({f"grad of {name}": (got_grads[name], ref_grads[name], expected_grads[name])
-                      for name in expected_grads})
-        for name, (got, ref, expected) in cases.items():
-            errors = worst.setdefault(name, [0.0, 0.0])
-            errors[0] = max(errors[0], relative_error(got, expected))
-            errors[1] = max(errors[1], relative_error(ref, expected))
-    for name, (got_error, ref_error) in worst.items():
-        assert got_error <= REDUCED_SLACK * ref_error, (
-            f"{name}: relative error {got_error:.3g} > {REDUCED_SLACK} x the reference's {ref_error:.3g}")
-
-
 @pytest.mark.parametrize("shape", SHAPES + [WIDE_SHAPE])
 def test_fp32_matches_reference(shape, device):
-    inputs = attention_inputs(*shape, device=device)
-    assert_all_close(outputs_and_grads(run_attention("triton"), inputs),
-                     outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
-                     what="triton attention")
+    ATTENTION.assert_matches_reference("triton", attention_inputs(*shape, device=device),
+                                       fp32_tolerance(device, "triton"))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp16_matches_reference(shape, device):
-    check_reduced_precision(shape, torch.float16, device)
+    ATTENTION.assert_reduced_precision("triton", shape, torch.float16, device)
 
 
 def test_strided_inputs_and_gradients(device):
@@ -111,10 +66,8 @@ def test_64_bit_offsets(monkeypatch, device):
     assert not wide(torch.empty_strided((5000, 16, 1024), (16 * 1024, 1024, 1), device="meta"))
     assert wide(torch.empty_strided((2, 1, 8), (2**31, 8, 1), device="meta"))
     monkeypatch.setattr(triton_flash, "_wide_offsets", lambda *tensors: True)
-    inputs = attention_inputs(37, 82, 3, 80, 80, device)
-    assert_all_close(outputs_and_grads(run_attention("triton"), inputs),
-                     outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
-                     what="triton attention, 64-bit offsets")
+    ATTENTION.assert_matches_reference("triton", attention_inputs(37, 82, 3, 80, 80, device),
+                                       fp32_tolerance(device, "triton"), what="triton attention, 64-bit offsets")
 
 
 def test_no_dropout_when_p_is_zero_or_not_training(device):
@@ -172,7 +125,7 @@ def test_dropout_follows_torch_seed(device):
 
 
 def test_dropout_of_everything(device):
-    out, grads = outputs_and_grads(run_attention("triton", dropout_p=1.0, training=True),
+    out, grads = outputs_and_grads(ATTENTION.run("triton", dropout_p=1.0, training=True),
                                    attention_inputs(5, 12, 2, 80, 80, device))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     for name, grad in grads.items():
@@ -229,19 +182,20 @@ def test_registered_ops_pass_opcheck(dropout_p, device):
 
 @pytest.mark.gpu
 def test_bf16_matches_reference_on_gpu():
-    check_reduced_precision((37, 82, 3, 96, 96), torch.bfloat16, torch.device("cuda"))
+    ATTENTION.assert_reduced_precision("triton", (37, 82, 3, 96, 96), torch.bfloat16, torch.device("cuda"))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("Tk", [1024, 5000])
 def test_paper_sizes_bf16_on_gpu(Tk):
     """d = 1024, Tq = 1024, the memory at the cap (batch 2 keeps the fp32 reference small)."""
-    check_reduced_precision((1024, Tk, 2, 1024, 1024), torch.bfloat16, torch.device("cuda"), draws=1)
+    ATTENTION.assert_reduced_precision("triton", (1024, Tk, 2, 1024, 1024), torch.bfloat16, torch.device("cuda"),
+                                     draws=1)
 
 
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_on_gpu():
     inputs = attention_inputs(37, 82, 3, 96, 96, "cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(run_attention("triton"), fullgraph=True)
-    assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(run_attention("triton"), inputs),
+    compiled = torch.compile(ATTENTION.run("triton"), fullgraph=True)
+    assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(ATTENTION.run("triton"), inputs),
                      1e-6, what="compiled triton attention")

@@ -3,7 +3,7 @@
 
 Without a GPU the softmax kernels run in Triton's interpreter and the products in torch on CPU; small
 shapes, and a small scratch budget where the chunked path is wanted. Every buffer a kernel writes
-starts as NaN (the poisoning fixture of test_attention_triton.py).
+starts as NaN (tests/ops/conftest.py).
 """
 
 import pytest
@@ -16,8 +16,8 @@ from sharnn_fast import ops  # noqa: E402
 from sharnn_fast.ops.attention import triton as attention_triton_module  # noqa: E402
 from sharnn_fast.ops.attention import materialised, triton_wide  # noqa: E402
 import test_attention_triton as flash_tests  # noqa: E402
-from test_attention_triton import (_poison_outputs, attention_inputs, check_reduced_precision,  # noqa: E402,F401
-                                   device, dropout_mask, run_attention)
+from op_cases import ATTENTION, attention_inputs  # noqa: E402
+from test_attention_triton import device, dropout_mask  # noqa: E402,F401
 from tolerances import assert_all_close, fp32_tolerance, outputs_and_grads  # noqa: E402
 
 # (Tq, Tk, B, d, dv): one query, no memory, a memory in front, batch 1 and 3, values narrower than
@@ -62,17 +62,17 @@ def forced(path):
 @pytest.mark.parametrize("shape", WIDE_SHAPES + FLASH_SHAPES)
 def test_fp32_matches_reference_on_the_path_for_its_width(shape, device):
     inputs = attention_inputs(*shape, device=device)
-    got = outputs_and_grads(run_attention("triton"), inputs)
+    got = outputs_and_grads(ATTENTION.run("triton"), inputs)
     wide = shape[3] >= materialised.WIDE_HEAD_MIN_D
     assert explained_path().startswith(f"triton (requested explicitly, on {device.type}); "
                                        + ("materialised scores: head width" if wide else "flash kernel: head width"))
-    assert_all_close(got, outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
+    assert_all_close(got, outputs_and_grads(ATTENTION.run("reference"), inputs), fp32_tolerance(device, "triton"),
                      what=f"triton attention {shape}")
 
 
 @pytest.mark.parametrize("shape", [(37, 82, 3, 300, 300), (5, 12, 2, 1024, 520)])
 def test_fp16_matches_reference(shape, device):
-    check_reduced_precision(shape, torch.float16, device)
+    ATTENTION.assert_reduced_precision("triton", shape, torch.float16, device)
 
 
 @pytest.mark.parametrize("path, shape", [("wide", (5, 12, 2, 16, 16)), ("wide", (37, 37, 1, 80, 48)),
@@ -80,8 +80,9 @@ def test_fp16_matches_reference(shape, device):
 def test_either_path_takes_any_width(path, shape, device):
     """The materialised path at narrow widths and the flash kernel past WIDE_HEAD_MIN_D, asked for."""
     inputs = attention_inputs(*shape, device=device)
-    assert_all_close(outputs_and_grads(forced(path), inputs), outputs_and_grads(run_attention("reference"), inputs),
-                     fp32_tolerance(device, "triton"), what=f"triton attention, {path} path")
+    assert_all_close(outputs_and_grads(forced(path), inputs),
+                     outputs_and_grads(ATTENTION.run("reference"), inputs), fp32_tolerance(device, "triton"),
+                     what=f"triton attention, {path} path")
     with pytest.raises(ValueError, match="path must be None, 'flash' or 'wide'"):
         forced("materialised")(**inputs)
 
@@ -133,16 +134,16 @@ def test_chunked_path_matches_reference(split, device, monkeypatch):
     assert materialised.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=False) == forward_plan
     assert materialised.chunk_plan(B, Tq, Tk, d, dv, torch.float32, backward=True) == backward_plan
     inputs = attention_inputs(*shape, device=device)
-    got = outputs_and_grads(run_attention("triton"), inputs)
+    got = outputs_and_grads(ATTENTION.run("triton"), inputs)
     assert f"backward in chunks of {backward_plan[0]} batch entries x {backward_plan[1]} queries" in explained_path()
-    assert_all_close(got, outputs_and_grads(run_attention("reference"), inputs), fp32_tolerance(device, "triton"),
+    assert_all_close(got, outputs_and_grads(ATTENTION.run("reference"), inputs), fp32_tolerance(device, "triton"),
                      what=f"chunked wide attention ({split})")
 
 
 def test_query_chunks_accumulate_in_fp32(device, monkeypatch):
     """fp16 with dK and dV summed over single-query chunks: still within 2x the reference's error."""
     monkeypatch.setattr(materialised, "SCORES_MEMORY_BUDGET", 1)
-    check_reduced_precision((9, 20, 2, 300, 300), torch.float16, device, draws=2)
+    ATTENTION.assert_reduced_precision("triton", (9, 20, 2, 300, 300), torch.float16, device, draws=2)
 
 
 def test_dropout_mask_and_keep_rate(device):
@@ -200,8 +201,8 @@ def test_torch_compile_fullgraph(device):
     sharnn_fast.backend.preload("triton")  # as set_backend does: no import while tracing
     counter = CompileCounterWithBackend("aot_eager")
     inputs = attention_inputs(5, 12, 2, 300, 300, device)
-    compiled = torch.compile(run_attention("triton"), fullgraph=True, backend=counter)
-    assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(run_attention("triton"), inputs),
+    compiled = torch.compile(ATTENTION.run("triton"), fullgraph=True, backend=counter)
+    assert_all_close(outputs_and_grads(compiled, inputs), outputs_and_grads(ATTENTION.run("triton"), inputs),
                      1e-6, what="compiled wide attention")
     assert counter.frame_count == 1 and "sharnn_fast.attention_wide_fwd" in counter.graphs[0].code
 

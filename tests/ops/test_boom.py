@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from op_cases import BOOM, boom_inputs
 from sharnn_fast import ops
 from sharnn_fast.ops.boom.torch_native import keep_mask
 from tolerances import assert_all_close, compare_in_reduced_precision, fp32_tolerance, outputs_and_grads
@@ -10,22 +11,10 @@ from tolerances import assert_all_close, compare_in_reduced_precision, fp32_tole
 SHAPES = [((37, 3), 80, 320), ((1,), 96, 288), ((2, 3, 5), 16, 16), ((4, 1), 80, 160)]
 
 
-def boom_inputs(lead, d, F_, device="cpu", dtype=torch.float32):
-    return dict(x=torch.randn(*lead, d, device=device, dtype=dtype),
-                weight=torch.randn(F_, d, device=device, dtype=dtype) * d ** -0.5,
-                bias=0.1 * torch.randn(F_, device=device, dtype=dtype))
-
-
-def run_boom(backend, **kwargs):
-    def fn(x, weight, bias):
-        return ops.boom(x, weight, bias, backend=backend, **kwargs)
-    return fn
-
-
 def test_reference_gradcheck():
     inputs = boom_inputs((3, 2), 4, 12, dtype=torch.float64)
     leaves = [t.requires_grad_(True) for t in inputs.values()]
-    assert torch.autograd.gradcheck(run_boom("reference"), leaves)
+    assert torch.autograd.gradcheck(BOOM.run("reference"), leaves)
 
 
 def test_reference_matches_definition():
@@ -37,10 +26,7 @@ def test_reference_matches_definition():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_matches_reference(shape, device):
-    inputs = boom_inputs(*shape, device=device)
-    tolerance = fp32_tolerance(device)
-    assert_all_close(outputs_and_grads(run_boom("torch"), inputs),
-                     outputs_and_grads(run_boom("reference"), inputs), tolerance, what="torch boom")
+    BOOM.assert_matches_reference("torch", boom_inputs(*shape, device=device), fp32_tolerance(device))
 
 
 def test_torch_without_bias():
@@ -52,7 +38,7 @@ def test_torch_without_bias():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_reduced_precision_on_gpu(dtype):
-    compare_in_reduced_precision(run_boom("torch"), run_boom("reference"),
+    compare_in_reduced_precision(BOOM.run("torch"), BOOM.run("reference"),
                                  boom_inputs((37, 3), 80, 320, device="cuda"), dtype)
 
 
@@ -62,7 +48,7 @@ def test_torch_dropout_uses_one_mask_for_forward_and_backward():
     p = 0.3
     inputs = boom_inputs((9, 2), 16, 64)
     torch.manual_seed(7)
-    got = outputs_and_grads(run_boom("torch", dropout_p=p, training=True), inputs)
+    got = outputs_and_grads(BOOM.run("torch", dropout_p=p, training=True), inputs)
 
     x, weight, bias = inputs.values()
     torch.manual_seed(7)

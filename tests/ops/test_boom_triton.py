@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from op_cases import BOOM, boom_inputs
 from sharnn_fast import BackendUnavailableError, ops
 from tolerances import assert_all_close, assert_all_close_reduced, fp32_tolerance, outputs_and_grads
 
@@ -19,46 +20,23 @@ SHAPES = [((37, 3), 80, 320), ((1, 3), 80, 320), ((37, 1), 80, 160), ((1, 1), 96
           ((5,), 80, 240), ((2, 3, 5), 16, 16)]
 
 
-@pytest.fixture(autouse=True)
-def nan_filled_outputs(monkeypatch):
-    """Every buffer a kernel fills starts as NaN, so an element no kernel writes fails."""
-    monkeypatch.setattr(boom_triton, "empty_output",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                device=device))
-
-
 @pytest.fixture
 def device(triton_device):
     """The GPU if there is one (the test is then marked gpu), else the CPU under the interpreter."""
     return triton_device
 
 
-def boom_inputs(lead, d, F_, device, dtype=torch.float32, bias=True):
-    inputs = dict(x=torch.randn(*lead, d, device=device),
-                  weight=torch.randn(F_, d, device=device) * d ** -0.5,
-                  bias=0.1 * torch.randn(F_, device=device) if bias else None)
-    return {k: None if v is None else v.to(dtype) for k, v in inputs.items()}
-
-
-def run_boom(backend, bias=None, **kwargs):
-    """fn(x, weight[, bias]) for outputs_and_grads; ``bias=None`` there means "no bias input"."""
-    def fn(x, weight, bias=bias):
-        return ops.boom(x, weight, bias, backend=backend, **kwargs)
-    return fn
-
-
 def compare_with_reference(inputs, dtype, what, **kwargs):
     """Outputs and gradients of every input: float32 to float32 (tf32 on a GPU) rounding; a reduced
     dtype no further from the float32 reference than twice the reference in that dtype."""
-    inputs = {k: v for k, v in inputs.items() if v is not None}
-    expected = outputs_and_grads(run_boom("reference", **kwargs), inputs)
+    expected = outputs_and_grads(BOOM.run("reference", **kwargs), inputs)
     low = {k: v.to(dtype) for k, v in inputs.items()}
-    got = outputs_and_grads(run_boom("triton", **kwargs), low)
+    got = outputs_and_grads(BOOM.run("triton", **kwargs), low)
     if dtype == torch.float32:
         tolerance = fp32_tolerance(low["x"].device, "triton")
         assert_all_close(got, expected, tolerance, what=what)
         return
-    assert_all_close_reduced(got, outputs_and_grads(run_boom("reference", **kwargs), low), expected, what)
+    assert_all_close_reduced(got, outputs_and_grads(BOOM.run("reference", **kwargs), low), expected, what)
     assert got[0][0].dtype == dtype and all(g.dtype == dtype for g in got[1].values())
 
 
@@ -78,9 +56,7 @@ def test_non_contiguous_input(device):
     x = torch.randn(3, 37, 80, device=device).transpose(0, 1)
     weight = (torch.randn(80, 240, device=device) * 80 ** -0.5).t()
     inputs = dict(x=x, weight=weight, bias=0.1 * torch.randn(240, device=device))
-    assert_all_close(outputs_and_grads(run_boom("triton"), inputs),
-                     outputs_and_grads(run_boom("reference"), inputs),
-                     fp32_tolerance(device, "triton"), what="non-contiguous")
+    BOOM.assert_matches_reference("triton", inputs, fp32_tolerance(device, "triton"), what="non-contiguous")
 
 
 def test_autocast(device):
@@ -88,9 +64,9 @@ def test_autocast(device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter has no bf16
     inputs = boom_inputs((9, 2), 80, 160, device)
     with torch.autocast(device.type, dtype=dtype):
-        got = outputs_and_grads(run_boom("triton"), inputs)
-        reference_low = outputs_and_grads(run_boom("reference"), inputs)
-    expected = outputs_and_grads(run_boom("reference"), inputs)
+        got = outputs_and_grads(BOOM.run("triton"), inputs)
+        reference_low = outputs_and_grads(BOOM.run("reference"), inputs)
+    expected = outputs_and_grads(BOOM.run("reference"), inputs)
     assert_all_close_reduced(got, reference_low, expected, "autocast")
     assert got[0][0].dtype == dtype
     assert all(g.dtype == torch.float32 for g in got[1].values())  # float32 leaves keep float32 grads
@@ -148,7 +124,7 @@ def test_dropout_mask_is_the_same_in_forward_and_backward(dz_tiles, monkeypatch,
         use_tiles(monkeypatch, dz=dz_tiles)
     inputs = boom_inputs(lead, d, F_, device)
     torch.manual_seed(7)
-    got = outputs_and_grads(run_boom("triton", dropout_p=p, training=True), inputs)
+    got = outputs_and_grads(BOOM.run("triton", dropout_p=p, training=True), inputs)
 
     def explicit(x, weight, bias):
         z = F.linear(x, weight, bias)
@@ -185,7 +161,7 @@ def test_dropout_edges(device):
                                rtol=0, atol=0)
     torch.testing.assert_close(ops.boom(**inputs, dropout_p=0.4, training=False, backend="triton"), plain,
                                rtol=0, atol=0)
-    dropped = outputs_and_grads(run_boom("triton", dropout_p=1.0, training=True), inputs)
+    dropped = outputs_and_grads(BOOM.run("triton", dropout_p=1.0, training=True), inputs)
     for t in [dropped[0][0], *dropped[1].values()]:
         assert torch.equal(t, torch.zeros_like(t))
 

@@ -10,44 +10,20 @@ import os
 import pytest
 import torch
 
-from sharnn_fast import ops
-from tolerances import assert_close
+from op_cases import OP_CASES
+from tolerances import assert_close, flat_tensors
 
 # The triton kernels run on CPU only in Triton's interpreter, in float32 and float16.
 TRITON = ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []
 
 
 def run_op(op, backend, t):
-    if op == "lstm":
-        hx = (t["h0"], t["c0"]) if "h0" in t else None
-        return ops.lstm(t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], hx,
-                        backend=backend)
-    if op == "attention":
-        return ops.attention(t["q"], t["k"], t["v"], backend=backend)
-    return ops.boom(t["x"], t["weight"], t["bias"], backend=backend)
-
-
-def small_inputs(op, dtype=torch.float32, with_state=True):
-    r = lambda *shape, scale=1.0: (scale * torch.randn(*shape)).to(dtype)  # noqa: E731
-    if op == "lstm":
-        T, B, I, H = 5, 3, 6, 4
-        t = dict(x=r(T, B, I), weight_ih=r(4 * H, I, scale=0.4), weight_hh=r(4 * H, H, scale=0.4),
-                 bias_ih=r(4 * H, scale=0.1), bias_hh=r(4 * H, scale=0.1))
-        if with_state:
-            t.update(h0=r(1, B, H, scale=0.5), c0=r(1, B, H, scale=0.5))
-        return t
-    if op == "attention":
-        return dict(q=r(4, 3, 8), k=r(7, 3, 8), v=r(7, 3, 6))
-    return dict(x=r(4, 3, 8), weight=r(24, 8, scale=0.3), bias=r(24, scale=0.1))
-
-
-def flat(out):
-    return [out] if torch.is_tensor(out) else [t for o in out for t in flat(o)]
+    return flat_tensors(OP_CASES[op].call(t, backend=backend))
 
 
 def reference_float64(op, inputs):
     """The exact result on the same (already rounded) inputs."""
-    return flat(run_op(op, "reference", {k: v.double() for k, v in inputs.items()}))
+    return run_op(op, "reference", {k: v.double() for k, v in inputs.items()})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,29 +52,29 @@ def overflowing_inputs(op):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp16-inputs", "fp16-autocast"])
-@pytest.mark.parametrize("op", ["lstm", "attention", "boom"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_reference_is_accurate_where_fp16_intermediates_overflow(op, autocast):
     inputs = overflowing_inputs(op)
     expected = reference_float64(op, inputs)
     if autocast:  # float32 inputs, rounded to fp16 by autocast as a kernel would receive them
         with torch.autocast("cpu", dtype=torch.float16):
-            got = flat(run_op(op, "reference", {k: v.float() for k, v in inputs.items()}))
+            got = run_op(op, "reference", {k: v.float() for k, v in inputs.items()})
     else:
-        got = flat(run_op(op, "reference", inputs))
+        got = run_op(op, "reference", inputs)
     for i, (g, e) in enumerate(zip(got, expected)):
         assert g.dtype == torch.float16
         assert_close(g, e, 1e-3, f"{op} reference output {i} (fp16 rounding only)")
 
 
-@pytest.mark.parametrize("op", ["lstm", "attention", "boom"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_reference_gradients_keep_float32_accuracy_in_fp16(op):
     """Backward through the widened reference: fp16 gradients are the exact ones rounded once."""
     torch.manual_seed(12)
-    inputs = small_inputs(op, torch.float16)
+    inputs = OP_CASES[op].inputs("small", dtype=torch.float16)
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     wide = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
     for tensors in (leaves, wide):
-        sum(o.double().sum() for o in flat(run_op(op, "reference", tensors))).backward()
+        sum(o.double().sum() for o in run_op(op, "reference", tensors)).backward()
     for name in inputs:
         assert leaves[name].grad.dtype == torch.float16
         assert_close(leaves[name].grad, wide[name].grad, 2e-3, f"{op} reference grad of {name}")
@@ -108,16 +84,16 @@ def test_reference_gradients_keep_float32_accuracy_in_fp16(op):
 # float64 stays float64
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-@pytest.mark.parametrize("op", ["lstm", "attention", "boom"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_float64_keeps_float64_accuracy(op, backend):
     """Against an exact float64 computation: a float32 step anywhere inside would cost ~1e-7."""
     torch.manual_seed(13)
-    inputs = {k: v.requires_grad_(True) for k, v in small_inputs(op, torch.float64).items()}
-    out = flat(run_op(op, backend, inputs))
+    inputs = {k: v.requires_grad_(True) for k, v in OP_CASES[op].inputs("small", dtype=torch.float64).items()}
+    out = run_op(op, backend, inputs)
     assert all(o.dtype == torch.float64 for o in out)
     grads = torch.autograd.grad(sum((o * o).sum() for o in out), list(inputs.values()))
     exact = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-    exact_out = flat(explicit_float64(op, exact))
+    exact_out = flat_tensors(explicit_float64(op, exact))
     exact_grads = torch.autograd.grad(sum((o * o).sum() for o in exact_out), list(exact.values()))
     for i, (o, e) in enumerate(zip(out, exact_out)):
         assert_close(o, e, 1e-12, f"{op} {backend} output {i}")
@@ -149,12 +125,12 @@ def explicit_float64(op, t):
     return torch.stack(ys), h[None], c[None]
 
 
-@pytest.mark.parametrize("op", ["lstm", "attention", "boom"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_float64_under_autocast_stays_float64(op):
-    inputs = small_inputs(op, torch.float64)
+    inputs = OP_CASES[op].inputs("small", dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for backend in ("reference", "torch"):
-            assert all(o.dtype == torch.float64 for o in flat(run_op(op, backend, inputs)))
+            assert all(o.dtype == torch.float64 for o in run_op(op, backend, inputs))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,17 +143,18 @@ CASES = [  # (autocast dtype or None, input dtype)
 
 
 @pytest.mark.parametrize("autocast, dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
-@pytest.mark.parametrize("op", ["lstm", "attention", "boom"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_every_backend_returns_the_same_dtypes(op, autocast, dtype):
     expected_dtype = autocast or dtype
     backends = ["reference", "torch"] + (TRITON if expected_dtype != torch.bfloat16 else [])
-    for with_state in ([True, False] if op == "lstm" else [True]):
-        inputs = small_inputs(op, dtype, with_state)
+    case = OP_CASES[op]
+    for leave_out in [(), case.optional] if case.optional else [()]:  # with and without h0, c0 or bias
+        inputs = case.inputs("small", dtype=dtype, leave_out=leave_out)
         seen = {}
         for backend in backends:
             leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
             with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                out = flat(run_op(op, backend, leaves))
+                out = run_op(op, backend, leaves)
             seen[backend] = [o.dtype for o in out]
             sum(o.float().sum() for o in out).backward()
             for name, t in leaves.items():  # gradients come back in each input's own dtype

@@ -9,8 +9,9 @@ second gradient was taken with respect to an input whose path skipped its guard.
 import pytest
 import torch
 
+from op_cases import OP_CASES
 from sharnn_fast import ops
-from tolerances import assert_close
+from tolerances import assert_close, flat_tensors
 
 # Which (op, backend) pairs compute higher-order gradients on CPU: an independent statement of the
 # contract, not read from the package. Every other pair must raise.
@@ -20,34 +21,7 @@ DIFFERENTIABLE_TWICE_ON_CPU = {
     ("boom", "torch"),
 }
 CPU_BACKENDS = ["reference", "torch", "triton"]
-
-
-def op_inputs(op, dtype):
-    """Small random inputs of every op, every tensor an input of the derivatives (odd widths)."""
-    r = lambda *shape, scale=1.0: scale * torch.randn(*shape, dtype=dtype)  # noqa: E731
-    if op == "lstm":
-        T, B, I, H = 3, 2, 5, 3
-        return dict(x=r(T, B, I), weight_ih=r(4 * H, I, scale=0.5), weight_hh=r(4 * H, H, scale=0.5),
-                    bias_ih=r(4 * H, scale=0.2), bias_hh=r(4 * H, scale=0.2),
-                    h0=r(1, B, H, scale=0.5), c0=r(1, B, H, scale=0.5))
-    if op == "attention":
-        return dict(q=r(3, 2, 5), k=r(6, 2, 5), v=r(6, 2, 4))
-    return dict(x=r(3, 2, 5), weight=r(15, 5, scale=0.3), bias=r(15, scale=0.1))
-
-
-def call(op, backend):
-    def fn(**t):
-        if op == "lstm":
-            return ops.lstm(t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
-                            (t["h0"], t["c0"]), backend=backend)
-        if op == "attention":
-            return ops.attention(t["q"], t["k"], t["v"], backend=backend)
-        return ops.boom(t["x"], t["weight"], t["bias"], backend=backend)
-    return fn
-
-
-def flat(out):
-    return [out] if torch.is_tensor(out) else [t for o in out for t in flat(o)]
+# The inputs: OP_CASES[op].inputs("odd", ...), odd widths; every tensor is an input of the derivatives.
 
 
 def second_derivatives(fn, inputs, seed=7):
@@ -56,7 +30,7 @@ def second_derivatives(fn, inputs, seed=7):
     included, reaches some entry."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     gen = torch.Generator().manual_seed(seed)
-    outputs = flat(fn(**leaves))
+    outputs = flat_tensors(fn(**leaves))
     loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum()
                + (o ** 2).sum() for o in outputs)  # squared: the first derivative depends on y
     grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
@@ -64,32 +38,32 @@ def second_derivatives(fn, inputs, seed=7):
     return dict(zip(leaves, torch.autograd.grad(penalty, list(leaves.values()), allow_unused=True)))
 
 
-@pytest.mark.parametrize("op", ["lstm", "attention", "boom"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_reference_gradgradcheck(op):
-    leaves = [t.requires_grad_(True) for t in op_inputs(op, torch.float64).values()]
-    names = list(op_inputs(op, torch.float64))
+    inputs = OP_CASES[op].inputs("odd", dtype=torch.float64)
+    names, leaves = list(inputs), [t.requires_grad_(True) for t in inputs.values()]
 
     def fn(*tensors):
-        return tuple(flat(call(op, "reference")(**dict(zip(names, tensors)))))
+        return tuple(flat_tensors(OP_CASES[op].run("reference")(**dict(zip(names, tensors)))))
 
     assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("op", ["lstm", "attention", "boom"])
+@pytest.mark.parametrize("op", OP_CASES)
 def test_second_derivatives_match_the_reference_or_raise(op, backend):
     # float64 where the backend takes it; the Triton kernels take float32 (they must raise anyway).
     dtype = torch.float32 if backend == "triton" else torch.float64
-    inputs = op_inputs(op, dtype)
+    inputs = OP_CASES[op].inputs("odd", dtype=dtype)
     if (op, backend) in DIFFERENTIABLE_TWICE_ON_CPU:
-        expected = second_derivatives(call(op, "reference"), inputs)
-        got = second_derivatives(call(op, backend), inputs)
+        expected = second_derivatives(OP_CASES[op].run("reference"), inputs)
+        got = second_derivatives(OP_CASES[op].run(backend), inputs)
         for name, want in expected.items():
             assert_close(got[name], want, torch.float64, f"{op} {backend}: second derivative wrt {name}")
     else:
         with pytest.raises(RuntimeError, match=rf"ops\.{op}: backend '{backend}' computes "
                                                r"first-order gradients only.*'reference'"):
-            second_derivatives(call(op, backend), inputs)
+            second_derivatives(OP_CASES[op].run(backend), inputs)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -123,9 +97,9 @@ def test_boom_gradient_penalty_wrt_x_from_the_weight_gradient(backend):
 
 
 def test_auto_names_the_backend_it_picked():
-    inputs = op_inputs("attention", torch.float64)
+    inputs = OP_CASES["attention"].inputs("odd", dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"ops\.attention: backend 'torch' \(picked by 'auto'\)"):
-        second_derivatives(call("attention", "auto"), inputs)
+        second_derivatives(OP_CASES["attention"].run("auto"), inputs)
 
 
 # On a GPU: cuDNN's LSTM and SDPA's fused kernels have no double backward; the Boom's does.
@@ -137,26 +111,26 @@ GPU_CASES = [("lstm", "torch", False), ("attention", "torch", False), ("boom", "
 @pytest.mark.gpu
 @pytest.mark.parametrize("op, backend, exact", GPU_CASES)
 def test_second_derivatives_on_gpu(op, backend, exact):
-    inputs = {k: v.cuda() for k, v in op_inputs(op, torch.float32).items()}
+    inputs = OP_CASES[op].inputs("odd", device="cuda")
     if exact:
-        expected = second_derivatives(call(op, "reference"), inputs)
-        got = second_derivatives(call(op, backend), inputs)
+        expected = second_derivatives(OP_CASES[op].run("reference"), inputs)
+        got = second_derivatives(OP_CASES[op].run(backend), inputs)
         for name, want in expected.items():
             assert_close(got[name], want, "tf32", f"{op} {backend}: second derivative wrt {name}")
     else:
         with pytest.raises(RuntimeError, match=rf"ops\.{op}: backend '{backend}' computes first-order"):
-            second_derivatives(call(op, backend), inputs)
+            second_derivatives(OP_CASES[op].run(backend), inputs)
 
 
 def test_first_order_gradients_and_no_grad_are_unaffected_by_the_guard():
     """The guard only fires under create_graph: an ordinary backward and inference are untouched."""
-    inputs = op_inputs("attention", torch.float64)
+    inputs = OP_CASES["attention"].inputs("odd", dtype=torch.float64)
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    y = call("attention", "torch")(**leaves)
+    y = OP_CASES["attention"].run("torch")(**leaves)
     y.sum().backward()
     ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    call("attention", "reference")(**ref).sum().backward()
+    OP_CASES["attention"].run("reference")(**ref).sum().backward()
     for name in leaves:
         assert_close(leaves[name].grad, ref[name].grad, torch.float64, name)
     with torch.no_grad():
-        assert not call("attention", "torch")(**leaves).requires_grad
+        assert not OP_CASES["attention"].run("torch")(**leaves).requires_grad

@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("triton")
 
 import sharnn_fast
+from op_cases import LSTM, lstm_inputs
 from sharnn_fast import BackendUnavailableError, ops
-from test_lstm import SHAPES, lstm_inputs, run_lstm
+from test_lstm import SHAPES
 from tolerances import (TOLERANCE, assert_all_close, assert_all_close_reduced, compare_in_reduced_precision,
                         fp32_tolerance, outputs_and_grads)
 
@@ -30,25 +31,18 @@ def device(triton_device):
     return triton_device
 
 
-@pytest.fixture(autouse=True)
-def _poison_new_buffers(monkeypatch):
-    monkeypatch.setattr(lstm_triton, "POISON_NEW_BUFFERS", True)
-
-
 def assert_reduced_matches(inputs, dtype):
     """The triton backend in ``dtype`` against the reference in ``dtype`` and in float32: at most
     2x the reference's own error, for every output and gradient."""
-    outputs, _ = compare_in_reduced_precision(run_lstm("triton"), run_lstm("reference"), inputs, dtype)
+    outputs, _ = compare_in_reduced_precision(LSTM.run("triton"), LSTM.run("reference"), inputs, dtype)
     assert all(o.dtype == dtype for o in outputs)
 
 
 @pytest.mark.parametrize("with_state", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference_fp32(shape, with_state, device):
-    inputs = lstm_inputs(*shape, device=device, with_state=with_state)
-    assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
-                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device, "triton"),
-                     what="triton lstm")
+    LSTM.assert_matches_reference("triton", lstm_inputs(*shape, device=device, with_state=with_state),
+                                  fp32_tolerance(device, "triton"))
 
 
 @pytest.mark.parametrize("shape", [(37, 3, 96, 80), (1, 1, 80, 96)])
@@ -66,9 +60,8 @@ def test_gpu_tiles_batch_tiles_and_reduction_loops(monkeypatch, device):
                     BLOCK_K=32 if kernel == "fwd" else 64)
     monkeypatch.setattr(lstm_triton, "launch_config", small_gpu_tiles)
     inputs = lstm_inputs(3, 17, 24, 80, device=device)  # H 80: 10 forward and 5 backward unit tiles
-    assert_all_close(outputs_and_grads(run_lstm("triton"), inputs),
-                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device, "triton"),
-                     what="triton lstm, GPU tiles")
+    LSTM.assert_matches_reference("triton", inputs, fp32_tolerance(device, "triton"),
+                                  what="triton lstm, GPU tiles")
 
 
 @pytest.mark.parametrize("only_y", [False, True])
@@ -81,7 +74,7 @@ def test_windowed_step_loops(monkeypatch, only_y, device):
 
     def outputs(backend):
         def fn(**kwargs):
-            y, hx = run_lstm(backend)(**kwargs)
+            y, hx = LSTM.run(backend)(**kwargs)
             return y if only_y else (y, hx)
         return fn
     assert_all_close(outputs_and_grads(outputs("triton"), inputs),
@@ -97,7 +90,7 @@ def test_gradient_through_one_output(used, device):
 
     def only(backend):
         def fn(**kwargs):
-            y, (h_n, c_n) = run_lstm(backend)(**kwargs)
+            y, (h_n, c_n) = LSTM.run(backend)(**kwargs)
             return dict(y=y, h_n=h_n, c_n=c_n)[used]
         return fn
     assert_all_close(outputs_and_grads(only("triton"), inputs),
@@ -110,10 +103,10 @@ def test_autocast(device):
     parameters get float32 gradients."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter has no bf16
     inputs = lstm_inputs(6, 3, 16, 24, device=device)
-    expected = outputs_and_grads(run_lstm("reference"), inputs)
+    expected = outputs_and_grads(LSTM.run("reference"), inputs)
     with torch.autocast(device.type, dtype=dtype):
-        got = outputs_and_grads(run_lstm("triton"), inputs)
-        reference_low = outputs_and_grads(run_lstm("reference"), inputs)
+        got = outputs_and_grads(LSTM.run("triton"), inputs)
+        reference_low = outputs_and_grads(LSTM.run("reference"), inputs)
     assert_all_close_reduced(got, reference_low, expected, "autocast")
     assert all(o.dtype == dtype for o in got[0])
     assert all(g.dtype == torch.float32 for g in got[1].values())
@@ -123,12 +116,12 @@ def test_torch_compile_fullgraph(device):
     """The custom ops trace without graph breaks. On CPU through aot_eager (Inductor's C++ build
     adds nothing the ops are responsible for); on a GPU through Inductor."""
     inputs = lstm_inputs(4, 3, 24, 16, device=device)
-    fn = run_lstm("triton")
+    fn = LSTM.run("triton")
     fn(**inputs)  # loads the lazily imported backend before compiling (an import breaks graphs)
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
     assert_all_close(outputs_and_grads(compiled, inputs),
-                     outputs_and_grads(run_lstm("reference"), inputs), fp32_tolerance(device, "triton"),
+                     outputs_and_grads(LSTM.run("reference"), inputs), fp32_tolerance(device, "triton"),
                      what="compiled triton lstm")
 
 
@@ -150,7 +143,7 @@ def test_paper_size_on_gpu(dtype):
     reference's own error was 1.4e-6; single-pass tf32 would be 1e-4 and more."""
     inputs = lstm_inputs(*PAPER_SHAPE, device="cuda", dtype=torch.float64)
     floor = TOLERANCE["tf32x3"] if dtype == torch.float32 else 1e-6
-    outputs, _ = compare_in_reduced_precision(run_lstm("triton"), run_lstm("reference"), inputs, dtype,
+    outputs, _ = compare_in_reduced_precision(LSTM.run("triton"), LSTM.run("reference"), inputs, dtype,
                                               floor=floor)
     assert all(o.dtype == dtype for o in outputs)
 
@@ -163,9 +156,9 @@ def test_cuda_graph_windows_match_launches(monkeypatch):
     for call in range(2):
         inputs = lstm_inputs(70, 3, 32, 48, device="cuda")
         monkeypatch.setenv(lstm_triton.GRAPHS_ENV, "0")
-        launched = outputs_and_grads(run_lstm("triton"), inputs)
+        launched = outputs_and_grads(LSTM.run("triton"), inputs)
         monkeypatch.setenv(lstm_triton.GRAPHS_ENV, "auto")
-        graphed = outputs_and_grads(run_lstm("triton"), inputs)
+        graphed = outputs_and_grads(LSTM.run("triton"), inputs)
         for a, b in zip([*launched[0], *launched[1].values()], [*graphed[0], *graphed[1].values()]):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"call {call}")
 
@@ -177,15 +170,15 @@ def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs = lstm_inputs(2, 1, 8, 8)
     with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run lstm: .*TRITON_INTERPRET=1"):
-        run_lstm("triton")(**inputs)
-    run_lstm("auto")(**inputs)  # auto falls back silently
+        LSTM.run("triton")(**inputs)
+    LSTM.run("auto")(**inputs)  # auto falls back silently
     assert "lstm: torch" in sharnn_fast.explain()
 
 
 def test_float64_is_refused():
     inputs = lstm_inputs(2, 1, 8, 8, dtype=torch.float64)
     with pytest.raises(BackendUnavailableError, match="float32, float16 and bfloat16, got torch.float64"):
-        run_lstm("triton")(**inputs)
+        LSTM.run("triton")(**inputs)
 
 
 def test_bfloat16_on_cpu_is_refused():
@@ -199,4 +192,4 @@ def test_bfloat16_on_cpu_is_refused():
 def test_bad_graph_setting_is_refused(monkeypatch, device):
     monkeypatch.setenv(lstm_triton.GRAPHS_ENV, "yes")
     with pytest.raises(ValueError, match=lstm_triton.GRAPHS_ENV):
-        run_lstm("triton")(**lstm_inputs(2, 1, 8, 8, device=device))
+        LSTM.run("triton")(**lstm_inputs(2, 1, 8, 8, device=device))

@@ -359,7 +359,8 @@ def _full_disk_after(monkeypatch, saves_that_succeed: int):
     import errno
     from collections import namedtuple
 
-    from sharnn_fast.training import _io, checkpoint, report
+    from sharnn_fast import _files
+    from sharnn_fast.training import checkpoint, report
     real_save, calls = torch.save, []
 
     def save(obj, f, *args, **kwargs):
@@ -370,7 +371,7 @@ def _full_disk_after(monkeypatch, saves_that_succeed: int):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
     monkeypatch.setattr(checkpoint.torch, "save", save)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(_io.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    monkeypatch.setattr(_files.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
     real_open = open
 
     def metrics_open(path, mode="r", *args, **kwargs):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import sharnn_fast
+from sharnn_fast._files import atomic_open
 from sharnn_fast.training import UserInputError, read_checkpoint, train
-from sharnn_fast.training._io import atomic_open
 from sharnn_fast.training.loop import evaluate_checkpoint, make_config
 from training_helpers import SMALL_CONFIG
 

@@ -196,7 +196,7 @@ def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tmp_path
     assert all(p.exists() for p in kept)
     assert f"note: removed 3 temporary files that interrupted writes left in {tmp_path} (1.5 MB)" in resumed.stdout
 
-    from sharnn_fast.training._io import TEMPORARY_NAME, atomic_open
+    from sharnn_fast._files import TEMPORARY_NAME, atomic_open
 
     with atomic_open(tmp_path / "new.pt") as out:  # the pattern is the name atomic_open really gives
         names = [p.name for p in tmp_path.iterdir() if p.name.startswith(".new.pt.")]

@@ -1,6 +1,7 @@
 """The plan the two materialised-scores attention paths share (the "torch" backend's wide path in
 ``torch_native.py`` and the "triton" backend's in ``triton_wide.py``): which heads take it, how the
-work is split under a scratch budget, and the float32 products. No kernels, no Triton import.
+work is split under a scratch budget, the float32 products and the backward's chunk loop
+(:func:`backward_products`). No kernels, no Triton import.
 
 Materialised scores: S = Q K^T is written to memory by a cuBLAS GEMM, the softmax runs over it, and
 O = P V is a second GEMM. For a wide head this beats flash attention (see WIDE_HEAD_MIN_D), and it is
@@ -33,18 +34,6 @@ WIDE_HEAD_MIN_D = 257
 # one chunk for the triton path, forward (0.49 GB) and backward (0.98 GB). Tests lower it to force
 # the chunked path.
 SCORES_MEMORY_BUDGET = 1 << 30
-
-
-# Tests set this to fill every buffer the torch wide path allocates with NaN, so an element it never
-# writes shows up (the triton kernels have their own flag in triton_common.py).
-POISON_OUTPUTS = False
-
-
-def new_output(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised buffer (NaN-filled under POISON_OUTPUTS)."""
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def autocast_off(device: torch.device):
@@ -113,8 +102,9 @@ def backward_products(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, dob:
                       score_gradients: Callable) -> None:
     """The products of a materialised backward, chunk by chunk of ``plan`` (:func:`chunk_plan`).
 
-    qb [B, Tq, d], kb [Tk, ...] and the rest are the batch-first views (:func:`batch_first`) of q, k,
-    v, the output's gradient and the gradients to write (dq, dk, dv), all in one dtype. For each
+    qb [B, Tq, d], kb [B, Tk, d], vb [B, Tk, dv], dob [B, Tq, dv] and dqb, dkb, dvb (shaped like qb,
+    kb, vb) are the batch-first views (:func:`batch_first`) of q, k, v, the output's gradient and the
+    gradients to write, all in one dtype. For each
     chunk of batch entries b0 .. b1 - 1 and queries r0 .. r1 - 1, ``score_gradients(b0, b1, r0, r1,
     q_c, k_c, v_c, do_c)`` gets the chunk's slices (k_c and v_c: the keys its last query sees) and
     returns (dS, P~), each [Bc, Tc, keys] in that dtype: the scores' gradient, 1/sqrt(d) included,

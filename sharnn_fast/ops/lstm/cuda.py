@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ... import _native
 from ...backend import Implementation
-from .._kernels import KERNEL_DTYPES, compute_dtype
+from .._kernels import KERNEL_DTYPES, compute_dtype, new_output
 
 # Mirrors of the kernels' constants (csrc/lstm/lstm_recurrence.cuh); tests check that they agree.
 THREADS = 512  # per block, one block per SM
@@ -43,11 +43,6 @@ MAX_REGISTERS_PER_THREAD = 128  # __launch_bounds__(THREADS, 1) on a 64K-registe
 RESERVED_SHARED_PER_BLOCK = 1024  # bytes of an SM's shared memory kept by the driver per block
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-# Tests set this to True: fresh outputs are then filled with NaN before a kernel writes them, so an
-# element a kernel leaves unwritten (or reads before another block wrote it) fails the comparison.
-POISON_OUTPUTS = False
-
 
 @dataclass(frozen=True)
 class DeviceLimits:
@@ -180,13 +175,6 @@ def _check_kernel_arguments(op: str, same_dtype: dict, float32: dict, shapes: di
                          + ", ".join(f"{name} on {t.device}" for name, t in tensors.items()))
 
 
-def _new_output(*shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    dtype = dtype or like.dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
 # ---- forward recurrence -------------------------------------------------------------------------
 
 @torch.library.custom_op("sharnn_fast::lstm_cuda_fwd", mutates_args=(), device_types="cuda")
@@ -203,10 +191,10 @@ def lstm_cuda_fwd(xg: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: to
     xg, w_hh, h0, c0 = (t.contiguous() for t in (xg, w_hh, h0, c0))
     plan = _plan_for(False, xg, H)
     ext = _native.require_cuda_kernels("the cuda LSTM")
-    y = _new_output(T, B, H, like=xg)  # [T, B, H]; also how h_{t-1} reaches every block
-    c_n = _new_output(1, B, H, like=xg)  # [1, B, H]
-    gates = _new_output(T, B, 4 * H if save_for_backward else 0, like=xg, dtype=torch.float32)
-    c_all = _new_output(T, B, H if save_for_backward else 0, like=xg, dtype=torch.float32)
+    y = new_output((T, B, H), xg.dtype, xg.device)  # [T, B, H]; also how h_{t-1} reaches every block
+    c_n = new_output((1, B, H), xg.dtype, xg.device)  # [1, B, H]
+    gates = new_output((T, B, 4 * H if save_for_backward else 0), torch.float32, xg.device)
+    c_all = new_output((T, B, H if save_for_backward else 0), torch.float32, xg.device)
     with torch.cuda.device(xg.device):
         ext.lstm_recurrence_fwd(
             _DTYPE_NAMES[xg.dtype], xg.data_ptr(), w_hh.data_ptr(), h0.data_ptr(), c0.data_ptr(),
@@ -272,9 +260,9 @@ def lstm_cuda_bwd(w_hh: torch.Tensor, gates: torch.Tensor, c_all: torch.Tensor, 
     plan = _plan_for(True, dy, H)
     ext = _native.require_cuda_kernels("the cuda LSTM")
     # [T, B, 4H]; also how dgates_{t+1} reaches every block
-    dgates = _new_output(T, B, 4 * H, like=dy)
-    dh0 = _new_output(1, B, H, like=dy)
-    dc0 = _new_output(1, B, H, like=dy)
+    dgates = new_output((T, B, 4 * H), dy.dtype, dy.device)
+    dh0 = new_output((1, B, H), dy.dtype, dy.device)
+    dc0 = new_output((1, B, H), dy.dtype, dy.device)
     with torch.cuda.device(dy.device):
         ext.lstm_recurrence_bwd(
             _DTYPE_NAMES[dy.dtype], w_hh.data_ptr(), gates.data_ptr(), c_all.data_ptr(),

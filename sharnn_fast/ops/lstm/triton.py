@@ -36,13 +36,8 @@ from torch import Tensor
 
 from ... import _env
 from ...backend import Implementation
-from .._kernels import compute_dtype, interpreted, triton_why_not
+from .._kernels import compute_dtype, interpreted, new_output, triton_why_not
 from .._precision import triton_dot_precision
-
-
-# Set by the tests: fresh buffers that a kernel must fill completely start as NaN, so an element
-# that no program writes fails the comparison instead of passing by luck.
-POISON_NEW_BUFFERS = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,7 +74,8 @@ def launch_config(kernel: str, B: int, H: int, dtype: torch.dtype, interpreter: 
     batch = max(16, triton.next_power_of_2(B))
     if interpreter:
         width = max(16, triton.next_power_of_2(H))
-        return dict(BLOCK_B=batch, BLOCK_H=width, BLOCK_K=width if kernel == "fwd" else 4 * width, num_warps=4)
+        return dict(BLOCK_B=batch, BLOCK_H=width, BLOCK_K=width if kernel == "fwd" else 4 * width,
+                    num_warps=4)
     return dict(GPU_CONFIG[kernel], BLOCK_B=min(batch, GPU_MAX_BLOCK_B[dtype]))
 
 
@@ -362,12 +358,6 @@ def _current_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _new_buffer(shape, dtype, device) -> Tensor:
-    if POISON_NEW_BUFFERS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------
@@ -378,9 +368,9 @@ def lstm_triton_forward(xg: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor
     hs [T+1, B, H] (h0, then h_1 .. h_T), c_all [T+1, B, H] fp32, gates [T, B, 4H] fp32 (activated)."""
     T, B, H4 = xg.shape
     H = H4 // 4
-    hs = _new_buffer((T + 1, B, H), xg.dtype, xg.device)
-    c_all = _new_buffer((T + 1, B, H), torch.float32, xg.device)
-    gates = _new_buffer((T, B, H4), torch.float32, xg.device)
+    hs = new_output((T + 1, B, H), xg.dtype, xg.device)
+    c_all = new_output((T + 1, B, H), torch.float32, xg.device)
+    gates = new_output((T, B, H4), torch.float32, xg.device)
     with _current_device(xg.device):
         _forward_loop(xg.contiguous(), weight_hh.contiguous(), h0, c0, hs, c_all, gates)
     return hs, c_all, gates
@@ -400,7 +390,7 @@ def lstm_triton_backward(d_hs: Tensor, d_c_all: Optional[Tensor], weight_hh: Ten
     dh0 [B, H], dc0 [B, H], all in the input dtype."""
     T, B, H4 = gates.shape
     dtype = hs.dtype
-    dgates = _new_buffer((T, B, H4), dtype, hs.device)  # = d_xg
+    dgates = new_output((T, B, H4), dtype, hs.device)  # = d_xg
     dc_carry = torch.empty(B, H4 // 4, dtype=torch.float32, device=hs.device)
     d_hs = d_hs.contiguous()
     d_c_all = None if d_c_all is None else d_c_all.contiguous()
