@@ -67,15 +67,18 @@ def test_generate(bench, device, B_index):
         h, hidden, mems, _, _ = published(prompt)
         token = published.decoder(h[-1]).argmax(-1)  # [B]
         decoder = _Decoder(ours, *ours(prompt, return_h=False)[1:])
-        start = (list(decoder.h), list(decoder.c), list(decoder.filled), list(decoder.head))
+        start_hidden = list(decoder.hidden)
+        rings = [memory for memory in decoder.memories if memory is not None]
+        start_rings = [(memory.filled, memory.head) for memory in rings]
 
         def published_step():
             out, _, _, _, _ = published(token.unsqueeze(0), hidden=hidden, mems=mems)
             return published.decoder(out[-1]).argmax(-1)
 
         def our_step():
-            decoder.h, decoder.c = list(start[0]), list(start[1])
-            decoder.filled, decoder.head = list(start[2]), list(start[3])
+            decoder.hidden = list(start_hidden)
+            for memory, (filled, head) in zip(rings, start_rings):
+                memory.filled, memory.head = filled, head
             return choose_next(ours.decoder(decoder.step(token)), False, 1.0, None, None, None)
 
         bench.compare(

@@ -322,7 +322,7 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    from .generation import generate_text
+    from .cli_generate import generate_text
     from .training.distributed import set_cpu_threads
     from .training.errors import UserInputError
 

@@ -2,17 +2,22 @@
 incremental per-token decoder, and the standard sampling rules (temperature, top-k, top-p).
 
 Prefill runs ``model(prompt, hidden, mems)``, so it uses the model's backend (the fused kernels
-where they run). Decode is one token per step, through plain PyTorch ops on preallocated state:
+where they run). Decode is one token per step through each block's own one-position step
+(:meth:`sharnn_fast.model.Block.step`: plain PyTorch ops, a per-token call being too small to pay
+for a backend's dispatch) on preallocated state:
 
 - **LSTM**: one ``torch.lstm_cell`` per block (one GEMM pair, the cell update fused by ATen).
 - **Attention**: each attention block keeps its memory, ``lnmem`` of its input at every position,
-  in a buffer of ``model.num_max_positions`` (5000) rows that is written as a ring. Appending a
-  token writes one row; once the buffer is full, the new row overwrites the oldest, which is
+  in a buffer of ``model.num_max_positions`` (5000) rows that is written as a ring (:class:`_RingMemory`).
+  Appending a token writes one row; once the buffer is full, the new row overwrites the oldest, which is
   exactly the model's rule (the current token plus the last 4999 memory positions). Attention has
   no positional encoding, so the keys' order in the ring does not change the result. The key and
   value gates are folded into the query and the output, ``(q * kg) . m`` and ``vg * (P M)``, so the
-  memory is never rescaled per token.
+  memory is never rescaled per token; the gates, which depend on the weights alone, are computed
+  once per call, not per token.
 - **Boom**: one GEMM and the GELU chunk sum, on the one token.
+
+On CUDA the whole step is captured once in a CUDA graph and replayed (``SHARNN_GENERATE_CUDA_GRAPHS``).
 
 No memory is concatenated per token: the published per-token loop does a ``torch.cat`` of up to
 5000 x d per attention block per token.
@@ -29,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _env
 
@@ -101,108 +105,104 @@ def choose_next(logits, do_sample: bool, temperature: float, top_k, top_p, gener
 # ---------------------------------------------------------------------------------------------------
 # The incremental decoder
 # ---------------------------------------------------------------------------------------------------
-class _Decoder:
-    """The model's state for one-token steps: (h, c) per block and a ring-buffer memory per
-    attention block, built from a (hidden, mems) pair as model.forward returns them (copied: the
-    caller's tensors are never written).
+class _RingMemory:
+    """One attention block's memory for one-token steps: ``num_max_positions`` rows written as a
+    ring, filled from a memory [M, B, d] as model.forward returns it (copied: the caller's tensor
+    is never written).
 
-    ``filled`` and ``head`` (rows in use, next row to write) describe the state before the next
-    step; :meth:`advance` moves them on after each step. With ``static=True`` every tensor keeps
-    its shape and address from step to step, as a CUDA graph needs: the step writes the ring
-    through device-side copies of the two counters and attends over all of the ring with the
-    unused rows masked, instead of over a slice whose length changes.
+    ``filled`` and ``head`` (rows in use, next row to write) describe the memory before the next
+    step; :meth:`advance` moves them on after each step. With ``static=True`` the step writes the
+    ring through device-side copies of the two counters and attends over all of the ring with the
+    unused rows masked, so that every tensor keeps its shape and address from step to step, as a
+    CUDA graph needs.
+    """
+
+    def __init__(self, mem: torch.Tensor, cap: int, static: bool):
+        self.cap, self.static = cap, static
+        mem = mem[-cap:]
+        self.ring = mem.new_zeros(cap, *mem.shape[1:])  # [cap, B, d]
+        self.ring[:mem.shape[0]] = mem
+        self.filled, self.head = mem.shape[0], mem.shape[0] % cap
+        if static:
+            self.rows = torch.arange(cap, device=mem.device)  # [cap]
+            self.head_t = torch.tensor([self.head], device=mem.device)  # [1]
+            self.filled_t = torch.tensor([self.filled], device=mem.device)  # [1]
+
+    def append(self, row: torch.Tensor):
+        """Write this position's row [B, d]; return what attention reads: (memory [M, B, d] in
+        ring order, mask [M] bool (True: a row not in use) or None), as :meth:`Block.step` takes."""
+        if self.static:
+            self.ring.index_copy_(0, self.head_t, row.to(self.ring.dtype).unsqueeze(0))
+            filled = self.filled_t.add_(1).clamp_(max=self.cap)
+            self.head_t.add_(1).remainder_(self.cap)
+            return self.ring, self.rows >= filled
+        self.ring[self.head] = row.to(self.ring.dtype)
+        return self.ring[:min(self.filled + 1, self.cap)], None
+
+    def advance(self) -> None:
+        """After a step: one more position."""
+        self.head = (self.head + 1) % self.cap
+        self.filled = min(self.filled + 1, self.cap)
+
+    def tensors(self) -> list:
+        """Every tensor a step writes."""
+        return [self.ring, self.head_t, self.filled_t] if self.static else [self.ring]
+
+    def state(self) -> torch.Tensor:
+        """The memory [M, B, d] in model.forward's format, oldest position first."""
+        if self.filled < self.cap:
+            return self.ring[:self.filled].clone()
+        return torch.cat([self.ring[self.head:], self.ring[:self.head]])
+
+
+class _Decoder:
+    """The model's state for one-token steps, built from a (hidden, mems) pair as model.forward
+    returns them (copied: the caller's tensors are never written): (h, c) per block, each [B, d],
+    and a :class:`_RingMemory` per attention block (None for the others). Each step runs every
+    block's :meth:`~sharnn_fast.model.Block.step`.
+
+    With ``static=True`` every tensor keeps its shape and address from step to step, as a CUDA
+    graph needs: (h, c) are overwritten in place and the memories are static (see :class:`_RingMemory`).
     """
 
     def __init__(self, model, hidden, mems, static: bool = False):
         self.model, self.static = model, static
-        self.cap = model.num_max_positions
-        self.h = [pair[0][0].clone() for pair in hidden]  # each [B, d]
-        self.c = [pair[1][0].clone() for pair in hidden]  # each [B, d]
-        self.ring, self.filled, self.head = [], [], []
-        for block, mem in zip(model.blocks, mems):
-            if block.attn is None:
-                self.ring.append(None)
-                self.filled.append(0)
-                self.head.append(0)
-                continue
-            mem = mem[-self.cap:]
-            ring = mem.new_zeros(self.cap, *mem.shape[1:])  # [cap, B, d]
-            ring[:mem.shape[0]] = mem
-            self.ring.append(ring)
-            self.filled.append(mem.shape[0])
-            self.head.append(mem.shape[0] % self.cap)
-        if static:
-            device = model.encoder.weight.device
-            self.rows = torch.arange(self.cap, device=device)  # [cap]
-            self.head_t = [torch.tensor([n], device=device) for n in self.head]  # each [1]
-            self.filled_t = [torch.tensor([n], device=device) for n in self.filled]  # each [1]
+        self.hidden = [(h[0].clone(), c[0].clone()) for h, c in hidden]  # each (h, c), each [B, d]
+        self.memories = [_RingMemory(mem, model.num_max_positions, static) if block.attn is not None else None
+                         for block, mem in zip(model.blocks, mems)]
+        # The attention gates depend on the weights alone: computed once, not at every step.
+        self.gates = [block.attn.gates() if block.attn is not None else None for block in model.blocks]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Read one token per sequence (token [B]) and return the model's output h [B, d]."""
-        model = self.model
-        h = model.encoder(token)  # [B, d]
-        for i, block in enumerate(model.blocks):
-            rnn = block.rnn
-            h_new, c_new = torch.lstm_cell(block.lnstart(h), (self.h[i], self.c[i]), rnn.weight_ih_l0,
-                                           rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        h = self.model.encoder(token)  # [B, d]
+        for i, (block, memory, gates) in enumerate(zip(self.model.blocks, self.memories, self.gates)):
+            h, hidden = block.step(h, self.hidden[i], memory, gates)
             if self.static:
-                self.h[i].copy_(h_new)
-                self.c[i].copy_(c_new)
+                for old, new in zip(self.hidden[i], hidden):
+                    old.copy_(new)
             else:
-                self.h[i], self.c[i] = h_new, c_new
-            h = h_new.to(torch.promote_types(h_new.dtype, torch.float32))  # the model's widening
-            if block.attn is not None:
-                memory_row = block.lnmem(h)
-                h = block.lnmid(h)
-                h = h + self._attend(i, block.attn, h, memory_row)
-            h = block.lnff(h) + _boom_one_token(block.ff.linear1, block.lnxff(h))
+                self.hidden[i] = hidden
         return h
 
     def advance(self) -> None:
         """After a step: one more position in every attention block's memory."""
-        for i, ring in enumerate(self.ring):
-            if ring is not None:
-                self.head[i] = (self.head[i] + 1) % self.cap
-                self.filled[i] = min(self.filled[i] + 1, self.cap)
-
-    def _attend(self, i: int, attn, h, memory_row):
-        """Attention block i for the one new position, query h [B, d]: the keys and values are the
-        memory plus ``memory_row`` [B, d] (this position's lnmem), written to the ring first."""
-        ring = self.ring[i]
-        mask = None
-        if self.static:
-            ring.index_copy_(0, self.head_t[i], memory_row.to(ring.dtype).unsqueeze(0))
-            filled = self.filled_t[i].add_(1).clamp_(max=self.cap)
-            self.head_t[i].add_(1).remainder_(self.cap)
-            memory, mask = ring, self.rows >= filled  # [cap, B, d], [cap]: rows not in use
-        else:
-            ring[self.head[i]] = memory_row.to(ring.dtype)
-            memory = ring[:min(self.filled[i] + 1, self.cap)]  # [M, B, d], rows in ring order
-        query = attn.qln(attn.q(h).to(torch.promote_types(h.dtype, torch.float32)))
-        q = torch.sigmoid(attn.qs[0]) * query * torch.sigmoid(attn.ks[0])  # [B, d]: key gate folded in
-        scores = torch.einsum("bd,mbd->bm", q.to(memory.dtype), memory).float() / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf"))
-        weights = scores.softmax(-1).to(memory.dtype)  # [B, M]
-        return attn.value_gate()[0] * torch.einsum("bm,mbd->bd", weights, memory)
+        for memory in self.memories:
+            if memory is not None:
+                memory.advance()
 
     def tensors(self) -> list:
         """Every tensor a step writes (for saving and restoring around CUDA-graph warm-up)."""
-        rings = [r for r in self.ring if r is not None]
-        counters = self.head_t + self.filled_t if self.static else []
-        return self.h + self.c + rings + counters
+        written = [t for pair in self.hidden for t in pair]
+        for memory in self.memories:
+            if memory is not None:
+                written += memory.tensors()
+        return written
 
     def state(self) -> tuple[list, list]:
         """(hidden, mems) in model.forward's format, memories oldest first."""
-        hidden = [(h.unsqueeze(0).clone(), c.unsqueeze(0).clone()) for h, c in zip(self.h, self.c)]
-        mems = []
-        for ring, filled, head in zip(self.ring, self.filled, self.head):
-            if ring is None:
-                mems.append([])
-            elif filled < self.cap:
-                mems.append(ring[:filled].clone())
-            else:
-                mems.append(torch.cat([ring[head:], ring[:head]]))
+        hidden = [(h.unsqueeze(0).clone(), c.unsqueeze(0).clone()) for h, c in self.hidden]
+        mems = [[] if memory is None else memory.state() for memory in self.memories]
         return hidden, mems
 
 
@@ -238,12 +238,6 @@ def use_cuda_graphs(device: torch.device) -> bool:
     """``SHARNN_GENERATE_CUDA_GRAPHS``: ``auto`` (default: on CUDA), ``0`` (never) or ``1``."""
     setting = _env.choice("SHARNN_GENERATE_CUDA_GRAPHS")  # ValueError for another value
     return device.type == "cuda" and setting != "0"
-
-
-def _boom_one_token(linear, x):
-    """The Boom of one position per sequence (eval mode): GELU(x W^T + b) chunks summed; x [B, d]."""
-    z = F.linear(x, linear.weight, linear.bias)  # [B, F]
-    return (z * torch.sigmoid(1.702 * z)).unflatten(-1, (-1, x.shape[-1])).sum(-2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,52 +321,3 @@ def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, 
         return tokens, GenerationState(hidden, mems, model_signature(model))
     finally:
         model.train(was_training)
-
-
-def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_sample=True, temperature=1.0,
-                  top_k=None, top_p=None, seed=None, device=None, precision="fp32", backend=None) -> bytes:
-    """``sharnn generate``: continue the bytes ``prompt`` with the byte-level model of a
-    ``sharnn train`` checkpoint, writing the new bytes to the text stream ``out`` as they come
-    (decoded as UTF-8, invalid sequences replaced). Returns the new bytes.
-
-    device: default CUDA if available, else CPU. precision: "fp32", or "bf16"/"fp16" autocast.
-    backend: None is the checkpoint's where it runs, else auto (see :func:`sharnn_fast.load_checkpoint`).
-    Raises the errors of :func:`sharnn_fast.load_checkpoint` and :meth:`SHARNN.generate`.
-    """
-    import codecs
-    import contextlib
-
-    from .training.checkpoint import load_checkpoint
-    from .training.distributed import resolve_device
-
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one byte")
-    device = resolve_device(device)
-    model, _ = load_checkpoint(checkpoint, map_location=device, backend=backend)
-    if model.encoder.num_embeddings != 256:
-        raise ValueError(f"{checkpoint}: a byte-level model has 256 tokens, this one has "
-                         f"{model.encoder.num_embeddings}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
-    autocast = (torch.autocast(device.type, dtype=dtypes[precision]) if dtypes[precision] is not None
-                else contextlib.nullcontext())
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    new = bytearray()
-
-    def stream(token):
-        byte = int(token[0])
-        new.append(byte)
-        out.write(decoder.decode(bytes([byte])))
-        out.flush()
-
-    tokens = torch.tensor(list(prompt), dtype=torch.int64, device=device).unsqueeze(1)  # [T, 1]
-    with autocast:
-        generate(model, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature,
-                 top_k=top_k, top_p=top_p, generator=generator, on_token=stream)
-    out.write(decoder.decode(b"", final=True))
-    out.flush()
-    return bytes(new)

@@ -2,7 +2,9 @@
 
 Same constructor and forward arguments, return values, parameter names and shapes, initialisation
 (with the same random seed, the same weights) and float32 numerics; see docs/model.md. The heavy
-lifting goes through :mod:`sharnn_fast.ops`, so the backend decides how each op runs.
+lifting goes through :mod:`sharnn_fast.ops`, so the backend decides how each op runs. Each block
+also has a one-position ``step`` for decoding (plain PyTorch ops), which
+:mod:`sharnn_fast.generation` builds its decoder from.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .backend import preload, validate_backend
+from .ops.boom.reference import gelu_sigmoid
 
 LN_EPS = 1e-12
 
@@ -85,8 +89,17 @@ class Attention(nn.Module):
         self.vq = None
         self.vq_collapsed = True
 
-    def value_gate(self):
-        return self.vs if self.vq_collapsed else self.vq(torch.sigmoid(self.vs))
+    def gates(self):
+        """The query, key and value gates, each [1, 1, d]: sigmoid(qs), sigmoid(ks) and
+        overparam(sigmoid(vs)) (``vs`` itself once collapsed). They depend on the weights alone, so
+        a decoder computes them once for all its steps (see :meth:`step`)."""
+        value_gate = self.vs if self.vq_collapsed else self.vq(torch.sigmoid(self.vs))
+        return torch.sigmoid(self.qs), torch.sigmoid(self.ks), value_gate
+
+    def projected_query(self, h):
+        """LayerNorm(q(h)) for positions h [..., d], the LayerNorm in at least float32, as
+        published (it matters under autocast)."""
+        return self.qln(_at_least_float32(self.q(h)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -119,13 +132,32 @@ class Attention(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def forward(self, query, key, value, backend: Optional[str] = None):
-        # The query's LayerNorm runs in at least float32, as published (it matters under autocast).
-        query = self.qln(_at_least_float32(self.q(query)))
-        q = torch.sigmoid(self.qs) * query
-        k = torch.sigmoid(self.ks) * key
-        v = self.value_gate() * value
+        query_gate, key_gate, value_gate = self.gates()
+        q = query_gate * self.projected_query(query)
+        k = key_gate * key
+        v = value_gate * value
         q, v = self.drop(q), self.drop(v)
         return ops.attention(q, k, v, dropout_p=self.drop.p, training=self.training, backend=backend)
+
+    def step(self, h, memory, mask=None, gates=None):
+        """Attention of one new position per sequence, without dropout (for decoding).
+
+        h: [B, d], the position's input (the query). memory: [M, B, d], the keys and values, this
+        position's own among them, in any order (attention has no positional encoding). mask: [M]
+        bool, True for the rows to leave out, or None. gates: :meth:`gates`, from a decoder that
+        computes them once for all its steps; None computes them here. Returns [B, d].
+
+        The key and value gates act on the query and the output, ``(q * kg) . m`` and
+        ``vg * (P M)``, so the memory is never rescaled: the same result as :meth:`forward` with
+        key = value = memory and the query last.
+        """
+        query_gate, key_gate, value_gate = self.gates() if gates is None else gates
+        q = (query_gate * self.projected_query(h) * key_gate)[0]  # [B, d]
+        scores = torch.einsum("bd,mbd->bm", q.to(memory.dtype), memory).float().div_(math.sqrt(q.shape[-1]))
+        if mask is not None:
+            scores.masked_fill_(mask, float("-inf"))
+        weights = scores.softmax(-1).to(memory.dtype)  # [B, M]
+        return (value_gate * torch.einsum("bm,mbd->bd", weights, memory))[0]
 
 
 class Boom(nn.Module):
@@ -139,6 +171,12 @@ class Boom(nn.Module):
     def forward(self, x, backend: Optional[str] = None):
         return ops.boom(x, self.linear1.weight, self.linear1.bias, dropout_p=self.dropout.p,
                         training=self.training, backend=backend)
+
+    def step(self, x):
+        """One position per sequence, without dropout (for decoding): x [B, d] -> [B, d], in
+        plain PyTorch ops (a per-token call is too small to pay for a backend's dispatch)."""
+        z = F.linear(x, self.linear1.weight, self.linear1.bias)  # [B, F]
+        return gelu_sigmoid(z).unflatten(-1, (-1, x.shape[-1])).sum(-2)
 
 
 class LSTMParameters(nn.Module):
@@ -166,6 +204,11 @@ class LSTMParameters(nn.Module):
         """x [T, B, input_size]; hx (h0, c0) each [1, B, hidden_size] or None -> (y, (h_n, c_n))."""
         return ops.lstm(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
                         hx, backend=backend)
+
+    def step(self, x, hx):
+        """One time step: x [B, input_size]; hx (h, c) each [B, hidden_size] -> (h', c'), each
+        [B, hidden_size] (``torch.lstm_cell``: one GEMM pair, the cell update fused)."""
+        return torch.lstm_cell(x, hx, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}"
@@ -208,6 +251,25 @@ class Block(nn.Module):
 
         h = self.lnff(h) + self.drop(self.ff(self.lnxff(h), backend=backend))
         return h, new_mem, new_hidden, None
+
+    def step(self, x, hidden, memory=None, gates=None):
+        """One position per sequence, without dropout (for decoding): the same computation as
+        :meth:`forward` for T = 1.
+
+        x: [B, d]; hidden: (h, c), each [B, d]. Attention blocks only: ``memory`` stores this
+        position's memory row and says what to attend over, ``memory.append(row [B, d]) ->
+        (keys [M, B, d], mask [M] bool or None)``, the keys including ``row``, the mask True for
+        rows to leave out; ``gates``: ``self.attn.gates()`` computed once by the decoder, or None
+        (see :meth:`Attention.step`). Returns ``(y [B, d], (h, c))``.
+        """
+        h, c = self.rnn.step(self.lnstart(x), hidden)
+        y = _at_least_float32(h)  # no residual around the LSTM, as published
+        if self.attn is not None:
+            keys, mask = memory.append(self.lnmem(y))
+            y = self.lnmid(y)
+            y = y + self.attn.step(y, keys, mask, gates)
+        y = self.lnff(y) + self.ff.step(self.lnxff(y))
+        return y, (h, c)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -384,15 +446,12 @@ class SHARNN(nn.Module):
         backend = self.backend
 
         h = self.idrop(self.encoder(x))  # [T, B, ninp]
-        if mems is not None:
-            keep = max(self.num_max_positions - T, 0)
-            mems = [m[m.shape[0] - min(keep, m.shape[0]):] if torch.is_tensor(m) else None
-                    for m in mems]
+        keep = max(self.num_max_positions - T, 0)  # memory positions attended to besides x's
+        mems = [m[m.shape[0] - min(keep, m.shape[0]):] if torch.is_tensor(m) else None
+                for m in mems or [None] * self.nlayers]
 
         new_hidden, new_mems = [], []
-        for idx, block in enumerate(self.blocks):
-            mem = mems[idx] if mems is not None else None
-            hid = hidden[idx] if hidden is not None else None
+        for block, mem, hid in zip(self.blocks, mems, hidden or [None] * self.nlayers):
             h, new_mem, new_hid, _ = block(h, mem=mem, hidden=hid, backend=backend,
                                            max_positions=self.num_max_positions)
             new_hidden.append(new_hid)

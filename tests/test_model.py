@@ -221,6 +221,41 @@ def test_vq_collapse_keeps_outputs():
         assert_close(model(x)[0], before, name="h after a second vq_collapse")
 
 
+class _ListMemory:
+    """The simplest memory for Block.step: a tensor the row is concatenated to."""
+
+    def __init__(self, mem):
+        self.mem = mem
+
+    def append(self, row):
+        self.mem = torch.cat([self.mem, row.unsqueeze(0)])
+        return self.mem, None
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_block_step_is_forward_on_one_position(collapsed):
+    """Block.step (and the LSTM, attention and Boom steps it is made of) computes what forward
+    computes for T = 1, with the gates computed at the step or given."""
+    ours, published = make_pair(attn_every_layer=True, seed=5)
+    perturb_(ours, published)
+    ours.eval()
+    if collapsed:
+        ours.vq_collapse()
+    block = ours.blocks[0]
+    B, M = 3, 7
+    x, mem = torch.randn(1, B, NINP), torch.randn(M, B, NINP)
+    hidden = (torch.randn(1, B, NINP), torch.randn(1, B, NINP))
+    with torch.no_grad():
+        y, new_mem, (h, c), _ = block(x, mem=mem, hidden=hidden, backend="reference")
+        for gates in (None, block.attn.gates()):
+            memory = _ListMemory(mem)
+            y_step, (h_step, c_step) = block.step(x[0], (hidden[0][0], hidden[1][0]), memory, gates)
+            assert_close(y_step, y[0], name="y")
+            assert_close(h_step, h[0], name="h")
+            assert_close(c_step, c[0], name="c")
+            assert_close(memory.mem, new_mem, name="memory")
+
+
 def test_train_mode_dropout_and_backward_run():
     model = SHARNN("LSTM", NTOKEN, NINP, NHID, 3, dropout=0.1, dropouth=0.1, dropouti=0.1).train()
     x = tokens(8, 2)

@@ -1,6 +1,7 @@
 """Training configuration: the hyperparameters, the presets, and the model they describe."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -97,6 +98,17 @@ def default_precision(device: torch.device) -> str:
     LSTM, which "auto" uses there, runs fp16 only (on an H200 at the paper's size, 8.8 ms a layer
     forward+backward against 14.1 for the best bf16 LSTM; README, Backends)."""
     return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast_context(device, precision: str):
+    """The context a model runs under at a ``--precision``: "fp32" none (a null context), "bf16"
+    and "fp16" ``torch.autocast`` to that dtype on ``device``'s type (a torch.device or its name).
+    Raises UserInputError (a ValueError) for another precision."""
+    if precision not in PRECISIONS:
+        raise UserInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def default_preset() -> str:

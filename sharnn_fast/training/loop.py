@@ -29,8 +29,8 @@ from ..backend import explain, get_backend
 from . import distributed
 from .checkpoint import (check_architecture, describe_tensors, load_weights, model_from_checkpoint,
                          non_finite_tensors, read_checkpoint, save_checkpoint)
-from .config import (ARCHITECTURE_KEYS, TrainConfig, build_model, default_precision, default_preset, preset_config,
-                     validate)
+from .config import (ARCHITECTURE_KEYS, TrainConfig, autocast_context, build_model, default_precision, default_preset,
+                     preset_config, validate)
 from .data import BatchStream, check_same_data, load_corpus
 from .errors import Interrupted, StorageError, UserInputError
 from .optim import build_optimizer, learning_rate, optimizer_state_problem
@@ -115,12 +115,6 @@ class NextByteLoss(nn.Module):
         logits = self.model.decoder(h)  # [T, B, V]
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         return loss, hidden, mems
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _detach(hidden, mems):

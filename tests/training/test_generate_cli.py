@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sharnn_fast
-from sharnn_fast.generation import generate_text
+from sharnn_fast.cli_generate import generate_text
 from test_cli import run_main
 from training_helpers import SMALL, assert_one_line_error, run_sharnn
 
