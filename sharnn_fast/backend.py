@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from . import autotuning  # light: it imports nothing heavy until it tunes
 
@@ -270,7 +271,7 @@ def run(op: str, requested: Optional[str], implementations: Mapping[str, Impleme
     outputs = impl.run(*args)
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not impl.supports_double_backward(*args)):
-        tensors = [t for t in _flatten_tensors(outputs) if t.requires_grad]
+        tensors = [t for t in tree_leaves(outputs) if t.requires_grad]
         if tensors:
             able = [n for n, other in implementations.items() if other.supports_double_backward(*args)]
             picked = "" if name == (requested or get_backend()) else " (picked by 'auto')"
@@ -290,12 +291,6 @@ def _refuse_graph_of_backward(message: str, grad):
     if torch.is_grad_enabled():
         raise RuntimeError(message)
     return grad
-
-
-def _flatten_tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for item in out for t in _flatten_tensors(item)]
 
 
 def _record(op: str, name: str, why: str) -> None:

@@ -6,7 +6,6 @@ line on stderr and exit status 2, never a traceback (set SHARNN_DEBUG=1 to see o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .backend import preload, validate_backend
+from .ops._dtypes import at_least_float32  # where the published code calls .float(): never narrows float64
 from .ops.boom.reference import gelu_sigmoid
 
 LN_EPS = 1e-12
@@ -25,12 +26,6 @@ LN_EPS = 1e-12
 
 def _layer_norm(d: int) -> nn.LayerNorm:
     return nn.LayerNorm(d, eps=LN_EPS)
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """Where the published code calls ``.float()`` (to leave autocast's reduced precision): widen
-    to float32, but never narrow float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _reject_keys_of_absent_child(module: nn.Module, child: str, state_dict, prefix: str,
@@ -99,7 +94,7 @@ class Attention(nn.Module):
     def projected_query(self, h):
         """LayerNorm(q(h)) for positions h [..., d], the LayerNorm in at least float32, as
         published (it matters under autocast)."""
-        return self.qln(_at_least_float32(self.q(h)))
+        return self.qln(at_least_float32(self.q(h)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -239,7 +234,7 @@ class Block(nn.Module):
         always None (no backend materialises the attention weights).
         """
         x, new_hidden = self.rnn(self.lnstart(h), hidden, backend=backend)
-        h = _at_least_float32(self.drop(x))  # no residual around the LSTM, as published
+        h = at_least_float32(self.drop(x))  # no residual around the LSTM, as published
 
         new_mem = []
         if self.attn is not None:
@@ -263,7 +258,7 @@ class Block(nn.Module):
         (see :meth:`Attention.step`). Returns ``(y [B, d], (h, c))``.
         """
         h, c = self.rnn.step(self.lnstart(x), hidden)
-        y = _at_least_float32(h)  # no residual around the LSTM, as published
+        y = at_least_float32(h)  # no residual around the LSTM, as published
         if self.attn is not None:
             keys, mask = memory.append(self.lnmem(y))
             y = self.lnmid(y)

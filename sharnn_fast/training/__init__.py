@@ -3,7 +3,8 @@
 
 - :mod:`.data`: prepare splits, the embedded default corpus, memory-mapped batches.
 - :mod:`.optim`: LAMB (the published "minimum trust" form), AdamW, SGD, the learning-rate schedule.
-- :mod:`.loop`: the training loop and bits-per-byte evaluation.
+- :mod:`.loop`: the training loop, and the bodies of ``sharnn train`` and ``sharnn eval``.
+- :mod:`.evaluation`: bits per byte of a split, state carried across it (the one scoring loop).
 - :mod:`.dynamic`: dynamic evaluation (Krause et al. 2018), the weights adapting to scored text.
 - :mod:`.checkpoint`: the checkpoint format, atomic saves, ``load_checkpoint``.
 - :mod:`.distributed`: torchrun / DDP glue.
@@ -12,8 +13,9 @@ from .checkpoint import load_checkpoint, read_checkpoint
 from .config import PRESETS, TrainConfig
 from .data import load_corpus, prepare
 from .errors import UserInputError
-from .loop import TrainingDiverged, evaluate, evaluate_checkpoint, train
-from .dynamic import DynamicEval, evaluate_dynamic  # noqa: I001 (after .loop, which it builds on)
+from .dynamic import DynamicEval, evaluate_dynamic
+from .evaluation import evaluate
+from .loop import TrainingDiverged, evaluate_checkpoint, train
 from .optim import Lamb
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "evaluate_dynamic", "DynamicEval", "prepare", "load_corpus",

@@ -44,7 +44,7 @@ import torch
 from . import distributed
 from .data import BatchStream
 from .errors import UserInputError
-from .loop import score_segments
+from .evaluation import score_segments
 from .report import bits_per_byte
 
 METHODS = ("rms", "sgd")
@@ -188,7 +188,7 @@ class DynamicUpdate(torch.optim.Optimizer):
 
 
 class GradientStep:
-    """adapt(loss) for :func:`~.loop.score_segments`: backward of ``loss`` (this rank's share),
+    """adapt(loss) for :func:`~.evaluation.score_segments`: backward of ``loss`` (this rank's share),
     the gradients summed over the processes, then ``optimizer.step()``; under fp16 through a
     torch.amp.GradScaler, which skips a step whose gradients overflow (counted in ``skipped``)."""
 

@@ -1,4 +1,6 @@
-"""The training loop (the SHA-RNN paper's enwik8 recipe) and bits-per-byte evaluation.
+"""The training loop (the SHA-RNN paper's enwik8 recipe), and the bodies of ``sharnn train`` and
+``sharnn eval`` (:func:`train`, :func:`evaluate_checkpoint`). The scoring loop itself is
+:mod:`.evaluation`; dynamic evaluation, :mod:`.dynamic`.
 
 Recipe (Merity 2019, arXiv:1911.11423, and its published training script; see docs and
 docs/model.md, "The paper's recipe"): LAMB with the weight norm clamped at 10 in the trust ratio
@@ -32,9 +34,11 @@ from .checkpoint import (check_architecture, describe_tensors, load_weights, mod
 from .config import (ARCHITECTURE_KEYS, TrainConfig, autocast_context, build_model, default_precision, default_preset,
                      preset_config, validate)
 from .data import BatchStream, check_same_data, load_corpus
+from .dynamic import evaluate_dynamic
 from .errors import Interrupted, StorageError, UserInputError
+from .evaluation import detached, evaluate, score_segments
 from .optim import build_optimizer, learning_rate, optimizer_state_problem
-from .report import MetricsLog, Progress, bits_per_byte, progress_bar, summary_text
+from .report import MetricsLog, Progress, bits_per_byte, summary_text
 from .run_folder import RunFolder, complete_run_message
 
 
@@ -115,81 +119,6 @@ class NextByteLoss(nn.Module):
         logits = self.model.decoder(h)  # [T, B, V]
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         return loss, hidden, mems
-
-
-def _detach(hidden, mems):
-    return ([(h.detach(), c.detach()) for h, c in hidden],
-            [m.detach() if torch.is_tensor(m) else [] for m in mems])
-
-
-def score_segments(model, stream: BatchStream, *, bptt: int, precision: str = "fp32",
-                   ctx: Optional[distributed.Context] = None, adapt=None, max_segments: Optional[int] = None,
-                   keep_losses: bool = False, progress: Optional[str] = None) -> dict:
-    """Score a split segment by segment, in order, with the state (hidden and attention memory)
-    carried across the whole split as the published evaluate does; the model in eval mode (no
-    dropout). The one loop behind static and dynamic evaluation (:mod:`.dynamic`).
-
-    Segments of ``bptt`` bytes (the last one shorter), at most ``max_segments`` of them. Each is
-    scored first; then, when ``adapt`` is given, the forward graph is kept and ``adapt(loss)`` is
-    called with the segment's mean loss over all processes' columns (a 0-dim float32 tensor whose
-    backward gives this rank's share of the gradient), so that an update only ever follows the
-    scoring of the text it learns from. Without ``adapt`` no graph is built.
-
-    Returns ``{"loss": mean nats per byte (all ranks), "tokens": bytes scored (all ranks),
-    "seconds", "losses": [positions, B] float32 nats of this rank's columns on the CPU (only with
-    keep_losses)}``. ``progress``: a tqdm bar with this description on rank 0 when stderr is a
-    terminal. bpc = loss / ln 2."""
-    device = model.decoder.weight.device
-    ctx = ctx or distributed.Context(rank=0, world_size=1, local_rank=0, device=device)
-    was_training = model.training
-    model.eval()
-    columns = int(distributed.all_reduce(torch.tensor(stream.batch_size, device=ctx.device), ctx).item())
-    starts = range(0, stream.length - 1, bptt)[:max_segments]
-    bar = progress_bar(progress, total=columns * (min(stream.length - 1, len(starts) * bptt)),
-                       enabled=progress is not None and ctx.is_main)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    kept = []
-    hidden = mems = None
-    started = time.perf_counter()
-    try:
-        for position in starts:
-            x, y = stream.segment(position, bptt, device)
-            with torch.set_grad_enabled(adapt is not None):
-                with autocast_context(device, precision):
-                    h, hidden, mems, _, _ = model(x, hidden=hidden, mems=mems)
-                    logits = model.decoder(h)  # [T, B, V]
-                nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-                segment_total = nats.sum()
-            total += segment_total.detach()
-            count += y.numel()
-            if keep_losses:
-                kept.append(nats.detach().view(y.shape).cpu())
-            if adapt is not None:
-                adapt(segment_total / (y.size(0) * columns))
-                hidden, mems = _detach(hidden, mems)
-            bar.update(y.size(0) * columns)
-    finally:
-        bar.close()
-        model.train(was_training)
-    if ctx.enabled:
-        summed = distributed.all_reduce(torch.stack([total, total.new_tensor(count)]), ctx)
-        total, count = summed[0], int(summed[1].item())
-    result = dict(loss=total.item() / count, tokens=count, seconds=time.perf_counter() - started)
-    if keep_losses:
-        result["losses"] = torch.cat(kept)
-    return result
-
-
-def evaluate(model, stream: BatchStream, *, bptt: int, precision: str = "fp32",
-             ctx: Optional[distributed.Context] = None) -> tuple[float, int]:
-    """Mean cross-entropy (nats per byte) of the next byte over a whole split, and the number of
-    bytes predicted (all ranks). Segments of ``bptt`` bytes, state (hidden and memory) carried
-    across the whole split as the published evaluate does, model in eval mode (no dropout).
-    Every column contributes its ``length - 1`` predictions. bpc = loss / ln 2. Dynamic
-    evaluation: :func:`sharnn_fast.training.dynamic.evaluate_dynamic`."""
-    result = score_segments(model, stream, bptt=bptt, precision=precision, ctx=ctx)
-    return result["loss"], result["tokens"]
 
 
 class WindowTotals(NamedTuple):
@@ -454,7 +383,7 @@ class Trainer:
                     loss, hidden, mems = self.forward(x[:, columns], y[:, columns], hidden, mems)
                 scaled = loss / c.accumulate if c.accumulate > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            new_carry.append(_detach(hidden, mems))
+            new_carry.append(detached(hidden, mems))
             step_loss = step_loss + loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -871,8 +800,6 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
                                 progress="static evaluation" if progress else None)
         adapted = None
         if dynamic is not None:
-            from .dynamic import evaluate_dynamic  # here: dynamic.py builds on this module
-
             adapted = evaluate_dynamic(model, stream, dynamic, bptt=config.bptt, precision=precision, ctx=ctx,
                                        stats_stream=columns_of("train") if dynamic.method == "rms" else None,
                                        progress=progress)

@@ -13,7 +13,7 @@ import torch
 import sharnn_fast
 from sharnn_fast.training import DynamicEval, UserInputError, evaluate_dynamic, train
 from sharnn_fast.training.data import BatchStream
-from sharnn_fast.training.loop import evaluate, score_segments
+from sharnn_fast.training.evaluation import evaluate, score_segments
 from test_cli import run_main
 from training_helpers import SMALL_CONFIG, assert_one_line_error, run_sharnn
 
