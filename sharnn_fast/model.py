@@ -40,6 +40,14 @@ def _reject_keys_of_absent_child(module: nn.Module, child: str, state_dict, pref
                           f"{', ...' if len(keys) > 3 else ''}), which this model does not have; {fix}")
 
 
+def _last_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t[-n:]`` (the last n rows, or all of them if fewer), written so that torch.compile keeps
+    the length symbolic: slicing would guard on whether ``len(t) > n`` and compile a second graph
+    once the memory is full."""
+    start = torch.sym_max(t.shape[0] - n, 0)
+    return t.narrow(0, start, t.shape[0] - start)
+
+
 class Overparam(nn.Module):
     """The value gate's over-parameterisation: [c, f] = l1(z); sigmoid(f) * tanh(c)."""
 
@@ -241,7 +249,7 @@ class Block(nn.Module):
             mh = self.lnmem(h)
             h = self.lnmid(h)
             bigh = mh if mem is None else torch.cat([mem, mh], dim=0)  # [M + T, B, d]
-            new_mem = bigh[-max_positions:]
+            new_mem = _last_rows(bigh, max_positions)
             h = h + self.drop(self.attn(h, bigh, bigh, backend=backend))
 
         h = self.lnff(h) + self.drop(self.ff(self.lnxff(h), backend=backend))

@@ -29,6 +29,7 @@ from .. import autotuning
 from .._files import WriteError
 from ..backend import explain, get_backend
 from . import distributed
+from .compiling import CompiledStep, RecompileLimitNotice
 from .checkpoint import (check_architecture, describe_tensors, load_weights, model_from_checkpoint,
                          non_finite_tensors, read_checkpoint, save_checkpoint)
 from .config import (ARCHITECTURE_KEYS, TrainConfig, autocast_context, build_model, default_precision, default_preset,
@@ -222,7 +223,8 @@ class Trainer:
 
         self.loss_module = NextByteLoss(self.model)
         self.ddp = distributed.wrap(self.loss_module, ctx)
-        self.forward = torch.compile(self.ddp) if c.compile else self.ddp
+        # --compile: lengths and memory symbolic, a bounded number of graphs (training/compiling.py)
+        self.forward = CompiledStep(self.ddp, self.model.num_max_positions) if c.compile else self.ddp
         self.autocast = autocast_context(self.device, self.precision)
         # Autotuning (autotuning.py): on by default where a GPU trains. It tunes at the first step,
         # where every op first runs with the real segment length, batch, dtype and mode.
@@ -529,6 +531,7 @@ class Trainer:
         self.progress.message(self.startup_line())
         for notice in self.notices:
             self.progress.message(f"note: {notice}")
+        notice = RecompileLimitNotice(self.progress.message).install() if self.config.compile else None
         with self._signals_caught(), autotuning_on(self.autotune):
             try:
                 if not self.finished() and self.valid_due():
@@ -538,6 +541,8 @@ class Trainer:
                 self._log(self.flush())
             finally:
                 self.progress.close()
+                if notice is not None:
+                    notice.remove()
         if self.stop_signal:
             try:
                 self.save()
@@ -581,13 +586,26 @@ class Trainer:
         return dict(step=self.step, split="autotune", seconds=round(seconds, 3), backend=backend,
                     precision=self.precision, segment_length=length, choices=choices)
 
+    def report_compilation(self, seconds: float, length: int) -> None:
+        """After a step under --compile: one line (and a metrics.jsonl event, split "compile") for
+        each graph torch.compile compiled in it, with the step's time, compiling included."""
+        for graph, T, memory in self.forward.new_graphs():
+            self.progress.message(f"torch.compile: graph {graph} compiled at step {self.step:,} (segment length "
+                                  f"{T}, memory {memory}; the step took {seconds:.1f} s); lengths and memory "
+                                  "stay symbolic, so a new length does not recompile")
+            self._write_metrics(dict(step=self.step, split="compile", graph=graph, segment_length=T,
+                                     memory=memory, seconds=round(seconds, 3)))
+
     def advance(self) -> bool:
         """One turn of the loop: a step, then logging and evaluation when their interval comes.
         Returns False when a signal asked the run to stop (several ranks stop together, at a
         flush where they all agreed to)."""
         c = self.config
         tuned_before, tokens_before = autotuning.tuning_seconds(), self.tokens
+        started = time.perf_counter()
         self.train_step()
+        if self.config.compile:
+            self.report_compilation(time.perf_counter() - started, (self.tokens - tokens_before) // self.global_batch)
         if self.autotune and not self.autotune_reported:  # the first step of this run
             self.autotune_reported = True
             event = self.report_autotuning(autotuning.tuning_seconds() - tuned_before,

@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 from op_cases import LSTM, lstm_inputs
+from sharnn_fast.ops.lstm import torch_native
 from sharnn_fast import ops
 from tolerances import (CUDNN_BF16_SLACK, REDUCED_SLACK, assert_all_close, compare_in_reduced_precision,
                         fp32_tolerance, outputs_and_grads)
@@ -86,3 +87,67 @@ def test_hx_must_be_a_pair():
     inputs = lstm_inputs(3, 2, 8, 8, with_state=False)
     with pytest.raises(TypeError, match="hx must be None or a pair"):
         ops.lstm(*inputs.values(), torch.zeros(1, 2, 8))
+
+
+# ---- the custom op torch.compile sees (ops/lstm/torch_native.py) ---------------------------------
+def _custom_op(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0):
+    return torch_native.lstm_torch_fwd(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
+
+
+def _eager_torch_lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0):
+    return torch.lstm(x, (h0, c0), (weight_ih, weight_hh, bias_ih, bias_hh), True, 1, 0.0, True, False, False)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_custom_op_matches_the_eager_lstm_on_onednn(shape):
+    """CPU float32: oneDNN's kernels, as eager torch.lstm (its forward without a workspace when
+    no backward follows, so the values agree to float32 rounding rather than bitwise)."""
+    if not torch_native._uses_onednn(torch.zeros(1)):
+        pytest.skip("oneDNN is not available or not enabled in this torch")
+    inputs = lstm_inputs(*shape)
+    assert_all_close(outputs_and_grads(_custom_op, inputs), outputs_and_grads(_eager_torch_lstm, inputs),
+                     fp32_tolerance(torch.device("cpu")), what="custom op vs torch.lstm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_custom_op_backpropagation_through_time_matches_the_reference(shape, dtype):
+    """The path of every other device and dtype (CUDA, float64, ...): torch.lstm forward, our BPTT
+    backward; float32 reaches it here with oneDNN switched off."""
+    inputs = lstm_inputs(*shape, dtype=dtype)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not torch_native._uses_onednn(inputs["x"])
+        got = outputs_and_grads(_custom_op, inputs)
+    assert_all_close(got, outputs_and_grads(LSTM.run("reference"), inputs),
+                     1e-12 if dtype == torch.float64 else fp32_tolerance(torch.device("cpu")),
+                     what=f"custom op BPTT {dtype}")
+
+
+@pytest.mark.parametrize("used", ["y", "h_n", "c_n"])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_custom_op_gradients_when_only_one_output_is_used(used, onednn):
+    inputs = lstm_inputs(6, 2, 5, 3, dtype=torch.float64 if not onednn else torch.float32)
+    index = ["y", "h_n", "c_n"].index(used)
+
+    def one(fn):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        fn(**leaves)[index].sum().backward()
+        return [leaves[k].grad for k in inputs]
+
+    expected = one(_eager_torch_lstm)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        got = one(_custom_op)
+    for name, a, b in zip(inputs, got, expected):
+        torch.testing.assert_close(a, b, msg=lambda m: f"grad of {name} from {used} alone: {m}")
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_custom_ops_pass_opcheck(onednn):
+    """Schema, fake implementations, autograd registration and AOT dispatch with dynamic shapes."""
+    inputs = lstm_inputs(5, 3, 4, 6)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        args = tuple(t.requires_grad_() for t in inputs.values())
+        torch.library.opcheck(torch_native.lstm_torch_fwd, args)
+        y, h_n, c_n = torch_native.lstm_torch_fwd(*args)
+        grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
+        torch.library.opcheck(torch_native.lstm_torch_bwd, (*(t.detach() for t in args), y.detach(), *grads))

@@ -5,6 +5,25 @@ The inputs are cast to the compute dtype here and torch.lstm runs with autocast 
 tensor it sees has one dtype: under CPU autocast, torch.lstm would otherwise receive a mix, which
 oneDNN rejects on many CPUs. Whether this CPU's torch.lstm runs a reduced-precision dtype at all is
 probed once per dtype (:func:`cpu_lstm_failure`), so "auto" can fall back instead of crashing.
+
+Under torch.compile the layer is one opaque custom op, ``sharnn_fast::lstm_torch_fwd`` with
+``sharnn_fast::lstm_torch_bwd`` as its backward (register_fake and register_autograd), so the graph
+keeps symbolic T and B: traced as ``torch.lstm``, PyTorch's decomposition unrolls the recurrence
+into T steps and specialises the graph to the segment length. Inside the ops:
+
+- **oneDNN** (CPU, float32, oneDNN on: what ``torch.lstm`` itself runs there): the forward and
+  backward are ATen's ``mkldnn_rnn_layer`` and ``mkldnn_rnn_layer_backward``, the two kernels eager
+  autograd calls (the values agree with eager to float32 rounding: the forward runs oneDNN's
+  inference primitive, which keeps no workspace). The backward runs the forward again first: oneDNN's backward needs the forward's workspace, whose size oneDNN
+  decides, and a traced graph cannot carry a tensor of unknown size from forward to backward
+  without a graph break.
+- **Elsewhere** (CUDA, float64, float16/bfloat16): the forward is ``torch.lstm`` (cuDNN on CUDA)
+  without an autograd graph, and the backward is backpropagation through time written here
+  (:func:`_bptt`): the gates recomputed from x and y with two large GEMMs, then one small GEMM per
+  step for the recurrent gradient. Not as fast as cuDNN's backward, and not yet measured on a GPU.
+
+Eager calls keep calling ``torch.lstm`` directly (no custom-op dispatch, and double backward where
+ATen's CPU LSTM has it).
 """
 from __future__ import annotations
 
@@ -14,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from .._dtypes import compute_dtype, no_autocast
+from .._dtypes import compute_dtype, math_dtype, no_autocast
 
 _NOT_FLAT_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 _PROBED_DTYPES = (torch.float16, torch.bfloat16)
@@ -44,8 +63,11 @@ def lstm_torch(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
         zeros = x.new_zeros(1, B, H)  # [1, B, H]
         hx = (zeros, zeros)
     hx = tuple(t.to(dtype) for t in hx)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *hx))
-    y, h_n, c_n = _torch_lstm(x, weights, hx, needs_grad)
+    if torch.compiler.is_compiling():
+        y, h_n, c_n = lstm_torch_fwd(x, *weights, *hx)
+    else:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *hx))
+        y, h_n, c_n = _torch_lstm(x, weights, hx, needs_grad)
     return y, (h_n, c_n)  # [T, B, H], ([1, B, H], [1, B, H])
 
 
@@ -86,3 +108,143 @@ def twice_differentiable(x, *args) -> bool:
     """ATen's CPU LSTM in float32/float64 is differentiable twice (tested against the reference);
     cuDNN's and oneDNN's reduced-precision LSTMs have no double backward."""
     return x.device.type == "cpu" and compute_dtype(x) in (torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# The custom op torch.compile sees (see the module docstring)
+# ------------------------------------------------------------------------------------------------
+
+_ONEDNN_LSTM = 2  # oneDNN's RNN kind for an LSTM (ideep::rnn_kind::LSTM), as ATen passes it
+
+
+def _uses_onednn(x: torch.Tensor) -> bool:
+    """Whether the custom op runs oneDNN's LSTM kernels: where torch.lstm itself would (CPU,
+    float32, oneDNN built in and enabled)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _onednn_arguments(H: int, train: bool) -> dict:
+    # One forward layer, sequence first, with biases: what ATen's CPU LSTM passes.
+    return dict(reverse=False, batch_sizes=[], mode=_ONEDNN_LSTM, hidden_size=H, num_layers=1,
+                has_biases=True, bidirectional=False, batch_first=False, train=train)
+
+
+def _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train: bool):
+    """oneDNN's LSTM layer as torch.lstm runs it on CPU in float32 -> (y, h_n, c_n, workspace);
+    the workspace (uint8, oneDNN's own size) is what its backward needs, kept only when ``train``."""
+    a = _onednn_arguments(weight_hh.shape[1], train)
+    # ATen keeps the workspace only with grad mode on; below autograd, no graph is built.
+    with torch.set_grad_enabled(train):
+        return torch.ops.aten.mkldnn_rnn_layer(
+            x.contiguous(), weight_ih, weight_hh, bias_ih, bias_hh, h0.contiguous(), c0.contiguous(),
+            a["reverse"], a["batch_sizes"], a["mode"], a["hidden_size"], a["num_layers"],
+            a["has_biases"], a["bidirectional"], a["batch_first"], a["train"])
+
+
+@torch.library.custom_op("sharnn_fast::lstm_torch_fwd", mutates_args=())
+def lstm_torch_fwd(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+                   bias_ih: torch.Tensor, bias_hh: torch.Tensor, h0: torch.Tensor,
+                   c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer, all inputs in one dtype: x [T, B, I], weights in nn.LSTM's layout, h0 and c0
+    [1, B, H] -> (y [T, B, H], h_n [1, B, H], c_n [1, B, H])."""
+    if _uses_onednn(x):
+        y, h_n, c_n, _ = _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train=False)
+        return y, h_n, c_n
+    return _torch_lstm(x, (weight_ih, weight_hh, bias_ih, bias_hh), (h0, c0), needs_grad=False)
+
+
+@lstm_torch_fwd.register_fake
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0):
+    T, B, H = x.shape[0], x.shape[1], weight_hh.shape[1]
+    return x.new_empty(T, B, H), x.new_empty(1, B, H), x.new_empty(1, B, H)
+
+
+@torch.library.custom_op("sharnn_fast::lstm_torch_bwd", mutates_args=())
+def lstm_torch_bwd(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+                   bias_ih: torch.Tensor, bias_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                   y: torch.Tensor, grad_y: torch.Tensor, grad_h_n: torch.Tensor,
+                   grad_c_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+    """Gradients of lstm_torch_fwd's (y, h_n, c_n) with respect to (x, weight_ih, weight_hh,
+    bias_ih, bias_hh, h0, c0), each in its input's dtype, given the forward's inputs and its y.
+
+    oneDNN path: the forward runs again to rebuild oneDNN's workspace (its size is oneDNN's
+    business, so a traced graph cannot carry it from forward to backward), then oneDNN's backward."""
+    if _uses_onednn(x):
+        y, h_n, c_n, workspace = _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train=True)
+        a = _onednn_arguments(weight_hh.shape[1], train=True)
+        grads = torch.ops.aten.mkldnn_rnn_layer_backward(
+            x.contiguous(), weight_ih, weight_hh, bias_ih, bias_hh, h0.contiguous(), c0.contiguous(),
+            y, h_n, c_n, grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(),
+            a["reverse"], a["mode"], a["hidden_size"], a["num_layers"], a["has_biases"], a["train"],
+            a["bidirectional"], a["batch_sizes"], a["batch_first"], workspace)
+        dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0 = grads
+        db_hh = db_hh.clone() if db_hh.data_ptr() == db_ih.data_ptr() else db_hh  # one sum, two outputs
+    else:
+        dx, dw_ih, dw_hh, db_ih, dh0, dc0 = _bptt(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0,
+                                                   y, grad_y, grad_h_n, grad_c_n)
+        db_hh = db_ih.clone()  # both biases enter the gates as one sum
+    inputs = (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
+    return tuple(g.to(t.dtype) for g, t in zip((dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0), inputs))
+
+
+@lstm_torch_bwd.register_fake
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, grad_y, grad_h_n, grad_c_n):
+    return tuple(torch.empty_like(t) for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0))
+
+
+def _bptt(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, grad_y, grad_h_n, grad_c_n):
+    """Backpropagation through time for one LSTM layer (Hochreiter & Schmidhuber 1997; gate order
+    i, f, g, o as nn.LSTM), in plain tensor operations on any device, in at least float32.
+
+    The gates are recomputed from x and the forward's y (h_{t-1} = y[t - 1], h0 first) with two
+    GEMMs over all steps, the cell states with one elementwise update per step; then, from the
+    last step back, dh_{t-1} = dgates_t W_hh is the one product per step. Returns (dx [T, B, I],
+    dW_ih, dW_hh, db (for each bias), dh0 [1, B, H], dc0 [1, B, H]) in at least float32."""
+    wide = math_dtype(x.dtype)
+    x, weight_ih, weight_hh, h0, c0, y, grad_y = (t.to(wide) for t in (x, weight_ih, weight_hh, h0, c0, y, grad_y))
+    T = x.shape[0]
+    h_prev = torch.cat([h0, y[:-1]])  # [T, B, H]
+    gates = x @ weight_ih.T + h_prev @ weight_hh.T + (bias_ih.to(wide) + bias_hh.to(wide))  # [T, B, 4H]
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    c = torch.empty_like(i)  # [T, B, H]: the cell state after each step
+    c_prev = c0[0]
+    for t in range(T):
+        c_prev = c[t] = f[t] * c_prev + i[t] * g[t]
+    tanh_c = c.tanh()
+    c_before = torch.cat([c0, c[:-1]])  # [T, B, H]: the cell state entering each step
+    d_gates = torch.empty_like(gates)  # [T, B, 4H]
+    dh, dc = grad_h_n[0].to(wide), grad_c_n[0].to(wide)  # [B, H] each
+    for t in reversed(range(T)):
+        dh = dh + grad_y[t]
+        dc = dc + dh * o[t] * (1 - tanh_c[t] ** 2)
+        di, df, dg, do = d_gates[t].chunk(4, dim=-1)
+        torch.mul(dc * g[t], i[t] * (1 - i[t]), out=di)
+        torch.mul(dc * c_before[t], f[t] * (1 - f[t]), out=df)
+        torch.mul(dc * i[t], 1 - g[t] ** 2, out=dg)
+        torch.mul(dh * tanh_c[t], o[t] * (1 - o[t]), out=do)
+        dc = dc * f[t]
+        dh = d_gates[t] @ weight_hh  # [B, H]: the gradient reaching h_{t-1}
+    flat = d_gates.flatten(0, 1)  # [T * B, 4H]
+    dx = d_gates @ weight_ih  # [T, B, I]
+    dw_ih = flat.T @ x.flatten(0, 1)  # [4H, I]
+    dw_hh = flat.T @ h_prev.flatten(0, 1)  # [4H, H]
+    return dx, dw_ih, dw_hh, flat.sum(0), dh[None], dc[None]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[0])
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n):
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y = ctx.saved_tensors
+    # An output that nothing used has no gradient: zeros of its shape.
+    grad_h_n, grad_c_n = (torch.zeros_like(h0) if g is None else g for g in (grad_h_n, grad_c_n))
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+    return lstm_torch_bwd(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, grad_y, grad_h_n, grad_c_n)
+
+
+lstm_torch_fwd.register_autograd(_backward, setup_context=_setup_context)
