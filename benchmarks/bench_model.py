@@ -1,7 +1,9 @@
 """The whole model: one training step (forward, cross-entropy on decoder(h), backward, optimizer
 step) and one inference segment, per variant, next to the published model's eager computation
 (nn.LSTM, explicit matmul-softmax attention, unfused Boom: tests/published_sharnn.py), the
-baseline; and torch.compile of the published model and of ours in cases of their own.
+baseline; and torch.compile of the published model and of ours in cases of their own, each
+compiled variant's compile time (its first call, forward and backward graphs) in the row's notes,
+apart from the step time.
 
 GPU: the paper's size (emsize 1024, nhid 4096, 4 layers, T 1024, B 16, a memory of 5000 - T
 positions), single-head and attention in every layer. The baseline is the published model in its
@@ -9,6 +11,7 @@ own recipe, fp16 autocast with a GradScaler; the other variants are listed in GP
 unless named). CPU: a small size in float32 (see conftest.MODEL_SIZES), against the published model
 in float32."""
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from published_sharnn import PublishedSHARNN
-from conftest import Variant
+from conftest import Variant, synchronize
 from sharnn_fast import SHARNN, BackendUnavailableError, autotune_model, autotuning
 from sharnn_fast.training.loop import autotuning_on
 
@@ -127,6 +130,8 @@ class Case:
                         stack.enter_context(torch.no_grad())
                     autotune_model(self.model, self.inputs, mems=self.mems)
                 autotuning.autotune(None)
+            if self.spec.compiled and self.mode == "train":
+                return None  # a no-grad call would compile an inference graph of its own
             with self.tuning(), torch.no_grad():
                 self.logits()
         except BackendUnavailableError as err:
@@ -177,8 +182,14 @@ def compare_variants(bench, specs, attn, mode, size, device):
             skipped[spec.name] = reason
             continue
         dtype = str(case.dtype).removeprefix("torch.")
-        runs[spec.name] = Variant(train_step(case) if mode == "train" else inference_segment(case),
-                                  size=dict(dtype=dtype) if dtype != size["dtype"] else None)
+        run = train_step(case) if mode == "train" else inference_segment(case)
+        info = None
+        if spec.compiled:  # the first call compiles (in training, the forward and backward graphs)
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            info = dict(compile_s=round(time.perf_counter() - started, 1))
+        runs[spec.name] = Variant(run, size=dict(dtype=dtype) if dtype != size["dtype"] else None, info=info)
         attn_blocks = case.attn_blocks
     tokens, flops = size["T"] * size["B"], forward_flops(size, attn_blocks)
     # The recurrences are sequential: nlayers x T dependent steps forward, as many again backward.

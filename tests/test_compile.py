@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 from op_cases import OP_CASES
 from sharnn_fast.backend import preload
+from sharnn_fast.ops.lstm import torch_native
 from sharnn_fast.training.compiling import CompiledStep, RecompileLimitNotice, graphs_compiled
 from sharnn_fast.training.config import build_model, preset_config
 from sharnn_fast.training.evaluation import detached
@@ -100,6 +101,7 @@ def test_training_compiles_at_most_three_graphs_in_300_steps():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     hidden = mems = None
     seen = set()
+    recomputed = torch_native.WORKSPACES.recomputed
     for _ in range(300):
         T = draw_sequence_length(config.bptt, lengths)
         seen.add(T)
@@ -112,6 +114,8 @@ def test_training_compiles_at_most_three_graphs_in_300_steps():
     assert len(seen) > 10 and mems[config.nlayers - 2].shape[0] == config.memory
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert step.graphs == graphs_compiled() <= 3, step.graphs
+    # Every backward found its forward's oneDNN workspace (none ran the LSTM forward again).
+    assert torch_native.WORKSPACES.recomputed == recomputed
 
 
 def test_a_recompile_limit_becomes_one_line_with_the_reason(caplog):

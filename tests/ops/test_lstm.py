@@ -90,25 +90,32 @@ def test_hx_must_be_a_pair():
 
 
 # ---- the custom op torch.compile sees (ops/lstm/torch_native.py) ---------------------------------
-def _custom_op(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0):
-    return torch_native.lstm_torch_fwd(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
+def _custom_op(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train=True):
+    return torch_native.lstm_torch_fwd(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train)
 
 
 def _eager_torch_lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0):
     return torch.lstm(x, (h0, c0), (weight_ih, weight_hh, bias_ih, bias_hh), True, 1, 0.0, True, False, False)
 
 
+@pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_custom_op_matches_the_eager_lstm_on_onednn(shape):
-    """CPU float32: oneDNN's kernels, as eager torch.lstm (its forward without a workspace when
-    no backward follows, so the values agree to float32 rounding rather than bitwise)."""
+def test_custom_op_is_the_eager_lstm_on_onednn(shape, train):
+    """CPU float32: oneDNN's kernels, as eager torch.lstm. train=True (a backward follows, as
+    torch.compile calls it whenever one may): the training forward and its workspace, bitwise
+    eager's values and gradients. train=False: the inference forward (float32 rounding away from
+    the training one); a backward then finds no workspace and runs the forward again."""
     if not torch_native._uses_onednn(torch.zeros(1)):
         pytest.skip("oneDNN is not available or not enabled in this torch")
     inputs = lstm_inputs(*shape)
-    assert_all_close(outputs_and_grads(_custom_op, inputs), outputs_and_grads(_eager_torch_lstm, inputs),
-                     fp32_tolerance(torch.device("cpu")), what="custom op vs torch.lstm")
+    recomputed = torch_native.WORKSPACES.recomputed
+    got = outputs_and_grads(lambda **t: _custom_op(**t, train=train), inputs)
+    assert torch_native.WORKSPACES.recomputed == recomputed + (not train)
+    assert_all_close(got, outputs_and_grads(_eager_torch_lstm, inputs),
+                     0.0 if train else fp32_tolerance(torch.device("cpu")), what="custom op vs torch.lstm")
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_custom_op_backpropagation_through_time_matches_the_reference(shape, dtype):
@@ -123,6 +130,7 @@ def test_custom_op_backpropagation_through_time_matches_the_reference(shape, dty
                      what=f"custom op BPTT {dtype}")
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("used", ["y", "h_n", "c_n"])
 @pytest.mark.parametrize("onednn", [True, False])
 def test_custom_op_gradients_when_only_one_output_is_used(used, onednn):
@@ -141,13 +149,16 @@ def test_custom_op_gradients_when_only_one_output_is_used(used, onednn):
         torch.testing.assert_close(a, b, msg=lambda m: f"grad of {name} from {used} alone: {m}")
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("onednn", [True, False])
 def test_custom_ops_pass_opcheck(onednn):
     """Schema, fake implementations, autograd registration and AOT dispatch with dynamic shapes."""
     inputs = lstm_inputs(5, 3, 4, 6)
     with torch.backends.mkldnn.flags(enabled=onednn):
         args = tuple(t.requires_grad_() for t in inputs.values())
-        torch.library.opcheck(torch_native.lstm_torch_fwd, args)
-        y, h_n, c_n = torch_native.lstm_torch_fwd(*args)
-        grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
-        torch.library.opcheck(torch_native.lstm_torch_bwd, (*(t.detach() for t in args), y.detach(), *grads))
+        for train in (True, False):
+            torch.library.opcheck(torch_native.lstm_torch_fwd, (*args, train))
+        outputs = torch_native.lstm_torch_fwd(*args, True)
+        grads = tuple(torch.randn_like(t) for t in outputs)
+        torch.library.opcheck(torch_native.lstm_torch_bwd,
+                              (*(t.detach() for t in args), *(t.detach() for t in outputs), *grads))

@@ -415,3 +415,32 @@ def test_sigterm_on_a_full_disk_still_exits_143(tmp_path, corpus_file, capsys, m
     assert status == 143, (out, err)
     assert "interrupted by SIGTERM: no space left on the device holding" in err, err
     assert "no checkpoint was saved before" in err and "Traceback" not in err
+
+
+def test_compile_reports_each_graph_and_keeps_the_losses(tmp_path, corpus_file, capsys, monkeypatch):
+    """--compile: one line and one metrics.jsonl event per graph, lengths and memory symbolic (two
+    graphs for eight random lengths with a growing memory), and the losses of the eager run. The
+    compiler is AOT autograd without Inductor here (seconds instead of minutes; Inductor's own count
+    is tests/test_compile.py's)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / f"run-{compiled}"
+        args = ["train", "--preset", "tiny", *SMALL, "--data", corpus_file, "--max-steps", "8", "--save", run]
+        result = run_main(capsys, *args, *(["--compile"] if compiled else []))
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [e["loss"] for e in events if e["split"] == "train"]
+        graphs = [e for e in events if e["split"] == "compile"]
+        lines = [line for line in result.stdout.splitlines() + result.stderr.splitlines()
+                 if line.startswith("torch.compile: graph")]
+        if compiled:
+            assert [e["graph"] for e in graphs] == [1, 2] and len(lines) == 2, (graphs, lines)
+            assert graphs[0]["memory"] == 0 and graphs[1]["memory"] > 0
+            assert "step 1 " in lines[0] and "does not recompile" in lines[0]
+        else:
+            assert not graphs and not lines
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -13,10 +13,9 @@ into T steps and specialises the graph to the segment length. Inside the ops:
 
 - **oneDNN** (CPU, float32, oneDNN on: what ``torch.lstm`` itself runs there): the forward and
   backward are ATen's ``mkldnn_rnn_layer`` and ``mkldnn_rnn_layer_backward``, the two kernels eager
-  autograd calls (the values agree with eager to float32 rounding: the forward runs oneDNN's
-  inference primitive, which keeps no workspace). The backward runs the forward again first: oneDNN's backward needs the forward's workspace, whose size oneDNN
-  decides, and a traced graph cannot carry a tensor of unknown size from forward to backward
-  without a graph break.
+  autograd calls, so compiled and eager steps compute the same values. oneDNN's backward needs
+  the forward's workspace, a buffer whose size oneDNN decides, which a traced graph cannot carry
+  without a graph break: it waits in a table until the backward (:class:`_Workspaces`).
 - **Elsewhere** (CUDA, float64, float16/bfloat16): the forward is ``torch.lstm`` (cuDNN on CUDA)
   without an autograd graph, and the backward is backpropagation through time written here
   (:func:`_bptt`): the gates recomputed from x and y with two large GEMMs, then one small GEMM per
@@ -29,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -63,10 +63,10 @@ def lstm_torch(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
         zeros = x.new_zeros(1, B, H)  # [1, B, H]
         hx = (zeros, zeros)
     hx = tuple(t.to(dtype) for t in hx)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *hx))
     if torch.compiler.is_compiling():
-        y, h_n, c_n = lstm_torch_fwd(x, *weights, *hx)
+        y, h_n, c_n = lstm_torch_fwd(x, *weights, *hx, needs_grad)
     else:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *hx))
         y, h_n, c_n = _torch_lstm(x, weights, hx, needs_grad)
     return y, (h_n, c_n)  # [T, B, H], ([1, B, H], [1, B, H])
 
@@ -142,20 +142,61 @@ def _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train: bo
             a["has_biases"], a["bidirectional"], a["batch_first"], a["train"])
 
 
+class _Workspaces:
+    """oneDNN's workspaces from training forwards of the custom op, until their backward takes them.
+
+    The workspace cannot be an output of the op: its size is oneDNN's business, and a tensor of
+    unknown size in a traced graph is a graph break. So it waits here, filed under the address of
+    the y, h_n and c_n it came with (alive until the backward, which receives them). An entry is
+    dropped when its backward takes it or when its y is freed (a forward without a backward); a
+    backward that finds no entry, or one filed for other tensors, runs the forward again instead."""
+
+    def __init__(self):
+        self._entries: dict = {}
+        self.recomputed = 0  # backwards that found no workspace (tests read it)
+
+    @staticmethod
+    def _key(y, h_n, c_n):
+        return y.data_ptr(), h_n.data_ptr(), c_n.data_ptr()
+
+    def put(self, y, h_n, c_n, workspace) -> None:
+        key = self._key(y, h_n, c_n)
+        self._entries[key] = (workspace, tuple(y.shape))
+        weakref.finalize(y, self._drop, key, workspace)
+
+    def _drop(self, key, workspace) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is workspace:
+            del self._entries[key]
+
+    def take(self, y, h_n, c_n):
+        entry = self._entries.pop(self._key(y, h_n, c_n), None)
+        if entry is None or entry[1] != tuple(y.shape):
+            self.recomputed += 1
+            return None
+        return entry[0]
+
+
+WORKSPACES = _Workspaces()
+
+
 @torch.library.custom_op("sharnn_fast::lstm_torch_fwd", mutates_args=())
 def lstm_torch_fwd(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
                    bias_ih: torch.Tensor, bias_hh: torch.Tensor, h0: torch.Tensor,
-                   c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   c0: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM layer, all inputs in one dtype: x [T, B, I], weights in nn.LSTM's layout, h0 and c0
-    [1, B, H] -> (y [T, B, H], h_n [1, B, H], c_n [1, B, H])."""
+    [1, B, H] -> (y [T, B, H], h_n [1, B, H], c_n [1, B, H]). ``train``: a backward may follow
+    (oneDNN then keeps its workspace for it, see :class:`_Workspaces`)."""
     if _uses_onednn(x):
-        y, h_n, c_n, _ = _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train=False)
+        y, h_n, c_n, workspace = _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train)
+        if train:
+            WORKSPACES.put(y, h_n, c_n, workspace)
         return y, h_n, c_n
     return _torch_lstm(x, (weight_ih, weight_hh, bias_ih, bias_hh), (h0, c0), needs_grad=False)
 
 
 @lstm_torch_fwd.register_fake
-def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0):
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train):
     T, B, H = x.shape[0], x.shape[1], weight_hh.shape[1]
     return x.new_empty(T, B, H), x.new_empty(1, B, H), x.new_empty(1, B, H)
 
@@ -163,17 +204,18 @@ def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0):
 @torch.library.custom_op("sharnn_fast::lstm_torch_bwd", mutates_args=())
 def lstm_torch_bwd(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
                    bias_ih: torch.Tensor, bias_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                   y: torch.Tensor, grad_y: torch.Tensor, grad_h_n: torch.Tensor,
-                   grad_c_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor]:
+                   y: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor, grad_y: torch.Tensor,
+                   grad_h_n: torch.Tensor, grad_c_n: torch.Tensor) -> tuple[
+                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor, torch.Tensor]:
     """Gradients of lstm_torch_fwd's (y, h_n, c_n) with respect to (x, weight_ih, weight_hh,
-    bias_ih, bias_hh, h0, c0), each in its input's dtype, given the forward's inputs and its y.
-
-    oneDNN path: the forward runs again to rebuild oneDNN's workspace (its size is oneDNN's
-    business, so a traced graph cannot carry it from forward to backward), then oneDNN's backward."""
+    bias_ih, bias_hh, h0, c0), each in its input's dtype, given the forward's inputs and outputs.
+    oneDNN path: with the forward's workspace (:class:`_Workspaces`), else after running the
+    forward again for one."""
     if _uses_onednn(x):
-        y, h_n, c_n, workspace = _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train=True)
+        workspace = WORKSPACES.take(y, h_n, c_n)
+        if workspace is None:
+            y, h_n, c_n, workspace = _onednn_forward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, train=True)
         a = _onednn_arguments(weight_hh.shape[1], train=True)
         grads = torch.ops.aten.mkldnn_rnn_layer_backward(
             x.contiguous(), weight_ih, weight_hh, bias_ih, bias_hh, h0.contiguous(), c0.contiguous(),
@@ -191,7 +233,7 @@ def lstm_torch_bwd(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Te
 
 
 @lstm_torch_bwd.register_fake
-def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, grad_y, grad_h_n, grad_c_n):
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, h_n, c_n, grad_y, grad_h_n, grad_c_n):
     return tuple(torch.empty_like(t) for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0))
 
 
@@ -236,15 +278,17 @@ def _bptt(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, grad_y, grad_h_n
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[0])
+    ctx.save_for_backward(*inputs[:7], *output)
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n):
-    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y = ctx.saved_tensors
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, h_n, c_n = ctx.saved_tensors
     # An output that nothing used has no gradient: zeros of its shape.
-    grad_h_n, grad_c_n = (torch.zeros_like(h0) if g is None else g for g in (grad_h_n, grad_c_n))
-    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-    return lstm_torch_bwd(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, grad_y, grad_h_n, grad_c_n)
+    grad_y, grad_h_n, grad_c_n = (torch.zeros_like(t) if g is None else g
+                                  for g, t in ((grad_y, y), (grad_h_n, h_n), (grad_c_n, c_n)))
+    grads = lstm_torch_bwd(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, y, h_n, c_n,
+                           grad_y, grad_h_n, grad_c_n)
+    return (*grads, None)
 
 
 lstm_torch_fwd.register_autograd(_backward, setup_context=_setup_context)
