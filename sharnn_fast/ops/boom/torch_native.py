@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from .._dtypes import at_least_float32
-from .reference import gelu_sigmoid
 
 _GELU_SCALE = 1.702
+
+
+def _gelu(z):
+    """z * sigmoid(1.702 z), the sigmoid approximation of GELU."""
+    return z * torch.sigmoid(_GELU_SCALE * z)
 
 
 def _gelu_grad(z, in_place: bool):
@@ -33,8 +37,7 @@ class GeluChunkSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, d: int, keep, scale: float):
-        zf = at_least_float32(z)
-        a = zf * torch.sigmoid(_GELU_SCALE * zf)  # [..., F]
+        a = _gelu(at_least_float32(z))  # [..., F]
         if keep is not None:
             a.mul_(keep).mul_(scale)
         ctx.save_for_backward(z, keep)
@@ -78,8 +81,10 @@ def boom_torch(x, weight, bias, dropout_p=0.0, training=False):
         keep = keep_mask(z, dropout_p)
         scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
     if torch.compiler.is_compiling():
-        a = gelu_sigmoid(at_least_float32(z))
+        # Plain operations: the compiler fuses them and differentiates them itself, and an
+        # autograd.Function with symbolic sizes fails in Dynamo (torch 2.13).
+        a = _gelu(at_least_float32(z))  # [..., F]
         if keep is not None:
             a = a * keep * scale
-        return a.unflatten(-1, (-1, x.shape[-1])).sum(-2).to(z.dtype)
+        return a.unflatten(-1, (-1, x.shape[-1])).sum(-2).to(z.dtype)  # [..., d]
     return GeluChunkSum.apply(z, x.shape[-1], keep, scale)
