@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .backend import preload, validate_backend
+from .ops._dropout import keep_mask, keep_scale
 from .ops._dtypes import at_least_float32  # where the published code calls .float(): never narrows float64
 from .ops.boom.reference import gelu_sigmoid
 
@@ -38,6 +39,15 @@ def _reject_keys_of_absent_child(module: nn.Module, child: str, state_dict, pref
     if keys:
         error_msgs.append(f"the checkpoint has weights for {prefix}{child} ({', '.join(keys[:3])}"
                           f"{', ...' if len(keys) > 3 else ''}), which this model does not have; {fix}")
+
+
+def _dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``drop(x)``. Under torch.compile, the mask comes from ``ops._dropout.keep_mask`` (16 random
+    bits an element, about 3x faster on CPU than the uniform draw Inductor compiles for
+    nn.Dropout); eager calls keep nn.Dropout's own random stream, the published model's."""
+    if drop.training and drop.p > 0.0 and torch.compiler.is_compiling():
+        return x * keep_mask(x, drop.p) * keep_scale(drop.p)
+    return drop(x)
 
 
 def _last_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -139,7 +149,7 @@ class Attention(nn.Module):
         q = query_gate * self.projected_query(query)
         k = key_gate * key
         v = value_gate * value
-        q, v = self.drop(q), self.drop(v)
+        q, v = _dropout(self.drop, q), _dropout(self.drop, v)
         return ops.attention(q, k, v, dropout_p=self.drop.p, training=self.training, backend=backend)
 
     def step(self, h, memory, mask=None, gates=None):
@@ -242,7 +252,7 @@ class Block(nn.Module):
         always None (no backend materialises the attention weights).
         """
         x, new_hidden = self.rnn(self.lnstart(h), hidden, backend=backend)
-        h = at_least_float32(self.drop(x))  # no residual around the LSTM, as published
+        h = at_least_float32(_dropout(self.drop, x))  # no residual around the LSTM, as published
 
         new_mem = []
         if self.attn is not None:
@@ -250,9 +260,9 @@ class Block(nn.Module):
             h = self.lnmid(h)
             bigh = mh if mem is None else torch.cat([mem, mh], dim=0)  # [M + T, B, d]
             new_mem = _last_rows(bigh, max_positions)
-            h = h + self.drop(self.attn(h, bigh, bigh, backend=backend))
+            h = h + _dropout(self.drop, self.attn(h, bigh, bigh, backend=backend))
 
-        h = self.lnff(h) + self.drop(self.ff(self.lnxff(h), backend=backend))
+        h = self.lnff(h) + _dropout(self.drop, self.ff(self.lnxff(h), backend=backend))
         return h, new_mem, new_hidden, None
 
     def step(self, x, hidden, memory=None, gates=None):
@@ -448,7 +458,7 @@ class SHARNN(nn.Module):
         mems = self._check_mems(mems, B)
         backend = self.backend
 
-        h = self.idrop(self.encoder(x))  # [T, B, ninp]
+        h = _dropout(self.idrop, self.encoder(x))  # [T, B, ninp]
         keep = max(self.num_max_positions - T, 0)  # memory positions attended to besides x's
         mems = [m[m.shape[0] - min(keep, m.shape[0]):] if torch.is_tensor(m) else None
                 for m in mems or [None] * self.nlayers]
@@ -460,7 +470,7 @@ class SHARNN(nn.Module):
             new_hidden.append(new_hid)
             new_mems.append(new_mem)
 
-        h = self.drop(h)
+        h = _dropout(self.drop, h)
         if return_h:
             return h, new_hidden, new_mems, None, None
         return h, new_hidden, new_mems

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from op_cases import BOOM, boom_inputs
 from sharnn_fast import ops
-from sharnn_fast.ops.boom.torch_native import keep_mask
+from sharnn_fast.ops._dropout import keep_mask
 from tolerances import assert_all_close, compare_in_reduced_precision, fp32_tolerance, outputs_and_grads
 
 # (leading shape, d, F): 3-d and 2-d inputs, a single token, widths not powers of two.

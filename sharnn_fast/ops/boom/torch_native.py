@@ -8,12 +8,16 @@ dropout) and recomputes the sigmoid in backward. Elementwise math runs in at lea
 Higher-order gradients are exact: when a graph of the backward is being built
 (``create_graph=True``), the backward runs as ordinary differentiable operations on the saved z, so
 autograd differentiates it again; otherwise it runs in place, allocating as little as possible.
+
+Under torch.compile the same math runs as plain operations (the compiler fuses them and derives
+the backward). The dropout mask comes from ``ops._dropout.keep_mask``, eager or compiled.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .._dropout import keep_mask, keep_scale
 from .._dtypes import at_least_float32
 
 _GELU_SCALE = 1.702
@@ -60,26 +64,11 @@ class GeluChunkSum(torch.autograd.Function):
         return dz.flatten(-2).to(z.dtype), None, None, None
 
 
-def keep_mask(like, dropout_p: float):
-    """A bool mask shaped like ``like``, each element True with probability 1 - dropout_p
-    (to within 2**-16): 16 random bits per element compared with a threshold. On CPU this is about
-    3x faster than bernoulli_, which dominated the Boom's time in training. Under torch.compile,
-    whose tracer cannot take ``random_`` over the full int64 range, one uniform float per element
-    instead (compiled code fuses it)."""
-    if torch.compiler.is_compiling():
-        return torch.rand_like(like, dtype=torch.float32) >= dropout_p
-    n = like.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
-    bits = words.random_(-2**63, None).view(torch.int16)[:n]  # every bit uniform
-    return (bits < round((1.0 - dropout_p) * 65536) - 32768).view(like.shape)
-
-
 def boom_torch(x, weight, bias, dropout_p=0.0, training=False):
     z = F.linear(x, weight, bias)  # [..., F]
     keep, scale = None, 1.0
     if training and dropout_p > 0.0:
-        keep = keep_mask(z, dropout_p)
-        scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+        keep, scale = keep_mask(z, dropout_p), keep_scale(dropout_p)
     if torch.compiler.is_compiling():
         # Plain operations: the compiler fuses them and differentiates them itself, and an
         # autograd.Function with symbolic sizes fails in Dynamo (torch 2.13).
