@@ -240,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_backend(p)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="run the one-byte decode step through torch.compile, which fuses its few dozen small "
-                   "ops. Compiling takes 10 to 60 s, paid once per process, model and batch size and printed "
-                   "to stderr; on a CPU it then saves about a third of each byte's time, so it pays off only "
-                   "for long outputs. auto (default): compile on a CPU when --max-new-tokens is at least "
+                   "ops. Compiling takes 10 to 40 s on a CPU, paid once per process, model and batch size before "
+                   "the first new byte, and is printed to stderr; it then saves about a quarter of each byte's time on a CPU, so it pays "
+                   "off only for long outputs. auto (default): compile on a CPU when --max-new-tokens is at least "
                    f"{COMPILE_MIN_TOKENS}, and fall back to the uncompiled step with a warning if compiling "
                    "fails; on: always (also on CUDA, where the CUDA graph replays the compiled step; a failed "
                    "compile is an error); off: never")

@@ -56,12 +56,13 @@ from . import _env
 
 logger = logging.getLogger(__name__)
 
-# compile=None compiles the one-token step on a CPU from this many steps on. Measured on the
-# 2-core CPU of the benchmarks (emsize 256, nhid 1024, 4 layers, B 1, float32, a 2000-token prompt,
-# 2026-12-05): compiling took 23 s with an empty Inductor cache (about 6 s once the cache under
-# /tmp/torchinductor_$USER holds it), and the compiled step saved about 0.75 ms per token
-# (1.7 ms against 2.45 ms eager, one thread). 23 s / 0.75 ms is about 30,000 tokens: below that,
-# compiling would make the generate call slower, not faster.
+# compile=None compiles the one-token step on a CPU from this many steps on: where the compile is
+# paid back. Measured on the shared 2-core CPU of the benchmarks (2026-12-05; emsize 256, nhid 1024,
+# 4 layers, B 1, float32, after a 2000-token prompt, one thread, the two steps interleaved, medians
+# of 400): the compiled step took 1.9 ms, the eager one 2.6 ms, a saving of 0.7 ms per token;
+# compiling took 23 s with an empty Inductor cache on the machine at its quietest (20 to 39 s under
+# load; 9 to 14 s once the cache under /tmp/torchinductor_$USER holds the kernels). 23 s / 0.7 ms
+# is about 33,000 tokens; rounded down.
 COMPILE_MIN_TOKENS = 30_000
 
 @dataclass
