@@ -100,6 +100,19 @@ def test_cuda_graph_decoder_equals_eager_on_gpu(B, monkeypatch):
     assert torch.equal(per_token_argmax(model, out["1"], 5), out["1"][5:])
 
 
+@pytest.mark.gpu
+def test_cuda_graph_of_the_compiled_step_equals_eager_on_gpu(monkeypatch):
+    """The CUDA graph captures the compiled step (masked ring, counters on the device)."""
+    model = trained_looking_model(16, "torch").cuda()
+    model.num_max_positions = 16
+    prompt = torch.randint(0, V, (5, 3), device="cuda")
+    monkeypatch.setenv("SHARNN_GENERATE_CUDA_GRAPHS", "1")
+    compiled = model.generate(prompt, 40, do_sample=False, compile=True)
+    assert generation.is_step_compiled(model, 3, prompt.device, masked=True)
+    assert torch.equal(compiled, model.generate(prompt, 40, do_sample=False, compile=False))
+    assert torch.equal(per_token_argmax(model, compiled, 5), compiled[5:])
+
+
 def test_bad_cuda_graph_setting_is_rejected(monkeypatch):
     monkeypatch.setenv("SHARNN_GENERATE_CUDA_GRAPHS", "yes")
     with pytest.raises(ValueError, match="SHARNN_GENERATE_CUDA_GRAPHS"):
