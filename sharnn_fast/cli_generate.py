@@ -8,23 +8,28 @@ the model and :mod:`sharnn_fast.generation` never import.
 from __future__ import annotations
 
 import codecs
+import logging
+import sys
 
 import torch
 
-from .generation import generate
+from .generation import generate, logger as generation_logger
 from .training.checkpoint import load_checkpoint
 from .training.config import NTOKEN, autocast_context
 from .training.distributed import resolve_device
 
 
 def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_sample=True, temperature=1.0,
-                  top_k=None, top_p=None, seed=None, device=None, precision="fp32", backend=None) -> bytes:
+                  top_k=None, top_p=None, seed=None, device=None, precision="fp32", backend=None,
+                  compile=None) -> bytes:
     """Continue the bytes ``prompt`` with the byte-level model of a ``sharnn train`` checkpoint,
     writing the new bytes to the text stream ``out`` as they come (decoded as UTF-8, invalid
     sequences replaced). Returns the new bytes.
 
     device: default CUDA if available, else CPU. precision: "fp32", or "bf16"/"fp16" autocast.
     backend: None is the checkpoint's where it runs, else auto (see :func:`sharnn_fast.load_checkpoint`).
+    compile: :meth:`SHARNN.generate`'s (None: automatic, True, False); its report ("compiled the
+    decode step in S s") and its warning go to stderr, one line each.
     Raises the errors of :func:`sharnn_fast.load_checkpoint` and :meth:`SHARNN.generate`, and
     ValueError for an empty prompt, a model that is not byte-level or another precision.
     """
@@ -49,9 +54,18 @@ def generate_text(checkpoint, prompt: bytes, out, *, max_new_tokens=200, do_samp
         out.flush()
 
     tokens = torch.tensor(list(prompt), dtype=torch.int64, device=device).unsqueeze(1)  # [T, 1]
-    with autocast:
-        generate(model, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature,
-                 top_k=top_k, top_p=top_p, generator=generator, on_token=stream)
+    report = logging.StreamHandler(sys.stderr)
+    report.setFormatter(logging.Formatter("%(message)s"))
+    level = generation_logger.level
+    generation_logger.addHandler(report)
+    generation_logger.setLevel(logging.INFO)
+    try:
+        with autocast:
+            generate(model, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                     top_k=top_k, top_p=top_p, generator=generator, on_token=stream, compile=compile)
+    finally:
+        generation_logger.removeHandler(report)
+        generation_logger.setLevel(level)
     out.write(decoder.decode(b"", final=True))
     out.flush()
     return bytes(new)

@@ -19,6 +19,19 @@ for a backend's dispatch) on preallocated state:
 
 On CUDA the whole step is captured once in a CUDA graph and replayed (``SHARNN_GENERATE_CUDA_GRAPHS``).
 
+**Compiling the step** (``compile=``): the step (decoder step and logits) can run through
+``torch.compile(fullgraph=True, dynamic=False)``, which fuses the few dozen small ops around the
+matrix products into a handful of loops. Every tensor then keeps its shape from token to token
+(the static decoder: (h, c) overwritten in place, ring counters on the device), so the step
+compiles once and never again for the same model, batch size, dtype, autocast state and device
+(:func:`_compile_step`; the compiled function is kept per model, see :data:`_COMPILED`). On a CPU
+attention reads only the rows in use, their number read from the device counter (an unbacked size
+under torch.compile: one graph serves every fill of the ring); on CUDA the whole ring is attended
+with a mask, so no value leaves the device and the compiled step can be captured in the CUDA graph.
+Compiling costs seconds to a minute, so ``compile=None`` compiles only on a CPU and only when at
+least :data:`COMPILE_MIN_TOKENS` steps are asked for (or the step is compiled already); a compile
+that fails falls back to the eager step with one warning (``compile=True`` raises instead).
+
 No memory is concatenated per token: the published per-token loop does a ``torch.cat`` of up to
 5000 x d per attention block per token.
 
@@ -29,14 +42,28 @@ p), renormalised, all in float32.
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
+import types
+import weakref
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import _env
 
+logger = logging.getLogger(__name__)
+
+# compile=None compiles the one-token step on a CPU from this many steps on: where the compile is
+# paid back. Measured on the shared 2-core CPU of the benchmarks (2026-12-05; emsize 256, nhid 1024,
+# 4 layers, B 1, float32, after a 2000-token prompt, one thread, the two steps interleaved, medians
+# of 400): the compiled step took 1.9 ms, the eager one 2.6 ms, a saving of 0.7 ms per token;
+# compiling took 23 s with an empty Inductor cache on the machine at its quietest (20 to 39 s under
+# load; 9 to 14 s once the cache under /tmp/torchinductor_$USER holds the kernels). 23 s / 0.7 ms
+# is about 33,000 tokens; rounded down.
+COMPILE_MIN_TOKENS = 30_000
 
 @dataclass
 class GenerationState:
@@ -112,13 +139,16 @@ class _RingMemory:
 
     ``filled`` and ``head`` (rows in use, next row to write) describe the memory before the next
     step; :meth:`advance` moves them on after each step. With ``static=True`` the step writes the
-    ring through device-side copies of the two counters and attends over all of the ring with the
-    unused rows masked, so that every tensor keeps its shape and address from step to step, as a
-    CUDA graph needs.
+    ring through device-side copies of the two counters, so that every tensor keeps its shape and
+    address from step to step, as a CUDA graph and a compile that never recompiles need. Attention
+    then reads, with ``masked=True``, all of the ring with the unused rows masked (no value leaves
+    the device: what a CUDA graph needs), or with ``masked=False`` only the rows in use, their
+    number read from the device counter (``.item()``: free on a CPU; under torch.compile with
+    ``capture_scalar_outputs`` a size known at run time, so one graph serves every fill).
     """
 
-    def __init__(self, mem: torch.Tensor, cap: int, static: bool):
-        self.cap, self.static = cap, static
+    def __init__(self, mem: torch.Tensor, cap: int, static: bool, masked: bool = True):
+        self.cap, self.static, self.masked = cap, static, masked
         mem = mem[-cap:]
         self.ring = mem.new_zeros(cap, *mem.shape[1:])  # [cap, B, d]
         self.ring[:mem.shape[0]] = mem
@@ -135,7 +165,13 @@ class _RingMemory:
             self.ring.index_copy_(0, self.head_t, row.to(self.ring.dtype).unsqueeze(0))
             filled = self.filled_t.add_(1).clamp_(max=self.cap)
             self.head_t.add_(1).remainder_(self.cap)
-            return self.ring, self.rows >= filled
+            if self.masked:
+                return self.ring, self.rows >= filled
+            # Until the ring is full the rows in use are its first ``filled``, then all of them.
+            rows = filled.item()
+            torch._check(rows >= 1)
+            torch._check(rows <= self.cap)
+            return self.ring[:rows], None
         self.ring[self.head] = row.to(self.ring.dtype)
         return self.ring[:min(self.filled + 1, self.cap)], None
 
@@ -162,13 +198,14 @@ class _Decoder:
     block's :meth:`~sharnn_fast.model.Block.step`.
 
     With ``static=True`` every tensor keeps its shape and address from step to step, as a CUDA
-    graph needs: (h, c) are overwritten in place and the memories are static (see :class:`_RingMemory`).
+    graph and a compiled step need: (h, c) are overwritten in place and the memories are static
+    (see :class:`_RingMemory`, also for ``masked``).
     """
 
-    def __init__(self, model, hidden, mems, static: bool = False):
+    def __init__(self, model, hidden, mems, static: bool = False, masked: bool = True):
         self.model, self.static = model, static
         self.hidden = [(h[0].clone(), c[0].clone()) for h, c in hidden]  # each (h, c), each [B, d]
-        self.memories = [_RingMemory(mem, model.num_max_positions, static) if block.attn is not None else None
+        self.memories = [_RingMemory(mem, model.num_max_positions, static, masked) if block.attn is not None else None
                          for block, mem in zip(model.blocks, mems)]
         # The attention gates depend on the weights alone: computed once, not at every step.
         self.gates = [block.attn.gates() if block.attn is not None else None for block in model.blocks]
@@ -191,8 +228,12 @@ class _Decoder:
             if memory is not None:
                 memory.advance()
 
+    def memories_masked(self) -> Optional[bool]:
+        """How the static memories are read (see :class:`_RingMemory`); None without attention."""
+        return next((memory.masked for memory in self.memories if memory is not None), None)
+
     def tensors(self) -> list:
-        """Every tensor a step writes (for saving and restoring around CUDA-graph warm-up)."""
+        """Every tensor a step writes (for saving and restoring around warm-up steps)."""
         written = [t for pair in self.hidden for t in pair]
         for memory in self.memories:
             if memory is not None:
@@ -206,27 +247,124 @@ class _Decoder:
         return hidden, mems
 
 
+class CompileError(RuntimeError):
+    """``compile=True`` and torch.compile could not compile the decode step (the message says why)."""
+
+
+def _logits_step(model, decoder: _Decoder, token: torch.Tensor) -> torch.Tensor:
+    """The one-token step: token [B] (int64) -> logits [B, V], the decoder's state moved on by
+    one position (before :meth:`_Decoder.advance`). What :func:`_compile_step` compiles."""
+    return model.decoder(decoder.step(token))
+
+
+# model -> {step key: the compiled step function}. Weak on the model, so a model that is gone takes
+# its compiled steps with it. Each entry is a function of its own (its own code object), so each
+# has its own Dynamo cache: one graph per entry, never a recompile, and no shared recompile limit.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# model -> {step key: why compiling failed}: compile=None does not try again (and warn again).
+_COMPILE_FAILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _step_key(model, batch: int, device: torch.device, masked: bool) -> tuple:
+    """What a compiled step depends on besides the weights' values (weights are inputs of the
+    compiled graph, so changing them in place needs no new compile): batch size, device, the
+    weights' dtype, the autocast state, the ring's size and kind, and the architecture (value
+    gates collapsed or not)."""
+    autocast = (torch.is_autocast_enabled(device.type),
+                torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
+    collapsed = tuple(block.attn.vq_collapsed for block in model.blocks if block.attn is not None)
+    return (batch, str(device), model.encoder.weight.dtype, autocast, model.num_max_positions, masked,
+            model_signature(model), collapsed)
+
+
+def is_step_compiled(model, batch: int, device: torch.device, masked: bool) -> bool:
+    """True when this process already compiled the step for this model and key (no compile cost)."""
+    return _step_key(model, batch, device, masked) in _COMPILED.get(model, {})
+
+
+def _new_compiled_step() -> Callable:
+    """torch.compile of a fresh copy of :func:`_logits_step` (its own code object, so its own
+    Dynamo cache), with ``capture_scalar_outputs`` so that the ring's ``.item()`` stays in the graph."""
+    import torch._dynamo  # heavy: only when compiling
+
+    fresh = types.FunctionType(_logits_step.__code__.replace(), _logits_step.__globals__, _logits_step.__name__)
+    compiled = torch.compile(fresh, fullgraph=True, dynamic=False)
+    return torch._dynamo.config.patch(capture_scalar_outputs=True)(compiled)
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _compile_step(model, decoder: _Decoder, batch: int, required: bool) -> Optional[Callable]:
+    """The compiled one-token step for ``decoder`` (a static one): a function token [B] -> logits
+    [B, V], or None when compiling failed and ``required`` is False (then one warning is logged,
+    and the caller decodes eagerly).
+
+    Compiles at the first call for a key (:func:`_step_key`) and reuses the compiled function
+    after that. Every call runs one step on a dummy token and puts the decoder's state back: the
+    compile (or, later, a recompile that should not happen) is paid and checked here, not in the
+    middle of the generation. When a graph was compiled, logs "compiled the decode step in S s"
+    (logger ``sharnn_fast.generation``, level INFO). Raises :class:`CompileError` when compiling fails and
+    ``required`` is True (the step then decodes nothing: the decoder's state is put back).
+    """
+    device = model.encoder.weight.device
+    key = _step_key(model, batch, device, decoder.memories_masked())
+    steps = _COMPILED.setdefault(model, {})
+    failed = _COMPILE_FAILED.setdefault(model, {})
+    if key in failed and not required:
+        return None
+    token = torch.zeros(batch, dtype=torch.int64, device=device)  # [B]
+    saved = [t.clone() for t in decoder.tensors()]
+    start = time.perf_counter()
+    try:
+        step = steps.get(key) or _new_compiled_step()
+        before = _graphs_compiled()
+        step(model, decoder, token)
+        compiled = _graphs_compiled() - before
+    except Exception as err:  # Inductor without a C++ compiler, an op Dynamo cannot trace, ...
+        why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        if required:
+            raise CompileError(f"compile=True, but torch.compile could not compile the decode step ({why}); "
+                               "use compile=False (sharnn generate --compile off) to decode without it") from err
+        failed[key] = why
+        logger.warning("generate: torch.compile could not compile the decode step, decoding without it (%s)", why)
+        return None
+    finally:
+        for t, copy in zip(decoder.tensors(), saved):  # the dummy step must leave no trace
+            t.copy_(copy)
+    steps[key] = step
+    if compiled:
+        logger.info("compiled the decode step in %.1f s (once per model and batch size)",
+                    time.perf_counter() - start)
+    return lambda token: step(model, decoder, token)
+
+
 class _GraphedStep:
-    """The one-token step (decoder step and logits) captured once in a CUDA graph and replayed:
-    one launch per token instead of a few dozen. Inputs and outputs are static buffers."""
+    """The one-token step (decoder step and logits, or ``run``, e.g. the compiled step) captured
+    once in a CUDA graph and replayed: one launch per token instead of a few dozen. Inputs and
+    outputs are static buffers."""
 
-    WARMUP_STEPS = 2  # eager steps on a side stream before capture (cuBLAS handles, allocator)
+    WARMUP_STEPS = 2  # steps on a side stream before capture (cuBLAS handles, allocator, compiling)
 
-    def __init__(self, model, decoder: _Decoder, batch: int):
+    def __init__(self, model, decoder: _Decoder, batch: int, run: Optional[Callable] = None):
         device = model.encoder.weight.device
+        run = run or (lambda token: _logits_step(model, decoder, token))
         self.token = torch.zeros(batch, dtype=torch.int64, device=device)  # [B]
         saved = [t.clone() for t in decoder.tensors()]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP_STEPS):
-                model.decoder(decoder.step(self.token))
+                run(self.token)
         torch.cuda.current_stream(device).wait_stream(side)
         for t, copy in zip(decoder.tensors(), saved):  # the warm-up steps must leave no trace
             t.copy_(copy)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.decoder(decoder.step(self.token))  # [B, V]
+            self.logits = run(self.token)  # [B, V]
 
     def __call__(self, token):
         self.token.copy_(token)
@@ -244,7 +382,7 @@ def use_cuda_graphs(device: torch.device) -> bool:
 # generate
 # ---------------------------------------------------------------------------------------------------
 def _check_arguments(model, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
-                     state):
+                     state, compile):
     if not isinstance(prompt, torch.Tensor):
         raise TypeError(f"prompt must be a tensor of token ids [T, B], got {type(prompt).__name__}")
     if prompt.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -266,6 +404,8 @@ def _check_arguments(model, prompt, max_new_tokens, do_sample, temperature, top_
             raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
         if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if compile not in (None, True, False):
+        raise TypeError(f"compile must be None (automatic), True or False, got {compile!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if state is not None:
@@ -280,17 +420,34 @@ def _check_arguments(model, prompt, max_new_tokens, do_sample, temperature, top_
                              f"{prompt.shape[1]}")
 
 
+def use_compile(compile: Optional[bool], device: torch.device, steps: int, compiled_already: bool) -> bool:
+    """Whether generate compiles its one-token step: ``compile`` True or False says so (True with
+    no step to take compiles nothing); None compiles on a CPU when ``steps`` reaches
+    :data:`COMPILE_MIN_TOKENS` or the step is compiled already, never on another device (there
+    the step is replayed from a CUDA graph, and compiling it is for ``compile=True`` to ask)."""
+    if steps < 1:
+        return False
+    if compile is not None:
+        return compile
+    return device.type == "cpu" and (steps >= COMPILE_MIN_TOKENS or compiled_already)
+
+
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
-             generator=None, state=None, return_state=False, on_token=None, static=None):
+             generator=None, state=None, return_state=False, on_token=None, static=None, compile=None):
     """See :meth:`sharnn_fast.SHARNN.generate`. ``on_token(tokens [B])``, if given, is called with
     every new token as soon as it is chosen (for streaming). ``static``: decode with fixed-shape
-    tensors (replayed from a CUDA graph on CUDA); None decides by :func:`use_cuda_graphs`."""
-    _check_arguments(model, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, generator, state)
+    tensors, the ring attended whole with a mask (replayed from a CUDA graph on CUDA); None decides
+    by :func:`use_cuda_graphs`. ``compile``: run the step through torch.compile (see the module
+    docstring and :func:`use_compile`); a compiled step is static (on a CPU reading the ring's rows
+    in use unless ``static=True`` asks for the masked ring)."""
+    _check_arguments(model, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, generator, state,
+                     compile)
     was_training = model.training
     model.eval()
     try:
         prompt = prompt.to(device=model.encoder.weight.device, dtype=torch.int64)
+        device, batch = prompt.device, prompt.shape[1]
         hidden = mems = None
         if state is not None:
             hidden, mems = state.hidden, state.mems
@@ -298,13 +455,16 @@ def generate(model, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, 
         h, hidden, mems = model(prompt, hidden=hidden, mems=mems, return_h=False)
         logits = model.decoder(h[-1])  # [B, V]
         steps = max_new_tokens if return_state else max_new_tokens - 1  # the state covers every token
-        graphed = steps > 0 and use_cuda_graphs(prompt.device) if static is None else static
-        decoder = _Decoder(model, hidden, mems, static=graphed)
+        graphed = steps > 0 and use_cuda_graphs(device) if static is None else static
+        masked = graphed or device.type != "cpu"
+        compiling = use_compile(compile, device, steps, is_step_compiled(model, batch, device, masked))
+        decoder = _Decoder(model, hidden, mems, static=graphed or compiling, masked=masked)
+        step = _compile_step(model, decoder, batch, required=compile is True) if compiling else None
         if graphed and prompt.is_cuda:
-            step = _GraphedStep(model, decoder, prompt.shape[1])
-        else:
+            step = _GraphedStep(model, decoder, batch, run=step)
+        elif step is None:
             def step(token):
-                return model.decoder(decoder.step(token))
+                return _logits_step(model, decoder, token)
         out = [prompt]
         for n in range(max_new_tokens):
             token = choose_next(logits, do_sample, temperature, top_k, top_p, generator)  # [B]

@@ -398,7 +398,7 @@ class SHARNN(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def generate(self, prompt, max_new_tokens, *, do_sample=True, temperature=1.0, top_k=None,
-                 top_p=None, generator=None, state=None, return_state=False):
+                 top_p=None, generator=None, state=None, return_state=False, compile=None):
         """Continue ``prompt`` by ``max_new_tokens`` tokens: a prefill of the prompt through the
         full-sequence path, then an incremental one-token decoder (see :mod:`sharnn_fast.generation`).
 
@@ -415,6 +415,13 @@ class SHARNN(nn.Module):
             state: a :class:`~sharnn_fast.generation.GenerationState` from an earlier call with
                 ``return_state=True``: the prompt then continues that text.
             return_state: also return the state after the last returned token.
+            compile: run the one-token step through ``torch.compile`` (fixed shapes, compiled once
+                per model, batch size, dtype, autocast state and device; logged as "compiled the
+                decode step in S s"). None (default): only on a CPU, and only for at least
+                :data:`sharnn_fast.generation.COMPILE_MIN_TOKENS` new tokens or when this step is
+                compiled already; a compile that fails then logs one warning and decodes without
+                it. True: always (on CUDA the CUDA graph replays the compiled step); a failed
+                compile raises CompileError. False: never.
 
         Returns:
             LongTensor [T + max_new_tokens, B] (the prompt, then the new tokens), or
@@ -426,13 +433,16 @@ class SHARNN(nn.Module):
         Raises:
             TypeError / ValueError: an empty prompt, token ids outside the vocabulary, a
                 non-integer prompt, ``max_new_tokens < 0``, ``temperature <= 0`` when sampling,
-                ``top_p`` outside (0, 1], ``top_k < 1``, or a state from another batch size or model.
+                ``top_p`` outside (0, 1], ``top_k < 1``, a state from another batch size or model,
+                or ``compile`` other than None, True or False.
+            sharnn_fast.generation.CompileError (a RuntimeError): ``compile=True`` and
+                torch.compile could not compile the step.
         """
         from .generation import generate  # the model does not depend on generation at import
 
         return generate(self, prompt, max_new_tokens, do_sample=do_sample, temperature=temperature,
                         top_k=top_k, top_p=top_p, generator=generator, state=state,
-                        return_state=return_state)
+                        return_state=return_state, compile=compile)
 
     def vq_collapse(self) -> None:
         """Collapse the value gate of every attention block (see :meth:`Attention.vq_collapse`)."""

@@ -1,5 +1,6 @@
 """SHARNN.generate: the incremental decoder against the full model, sampling rules, state, errors,
 and a first call that imports nothing slow."""
+import logging
 import os
 import subprocess
 import sys
@@ -7,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from sharnn_fast import SHARNN
-from sharnn_fast.generation import GenerationState, choose_next, generate, next_token_distribution
+from sharnn_fast import SHARNN, generation
+from sharnn_fast.generation import (CompileError, GenerationState, choose_next, generate, next_token_distribution,
+                                    use_compile)
 from tolerances import assert_close
 
 V = 23
@@ -96,6 +98,19 @@ def test_cuda_graph_decoder_equals_eager_on_gpu(B, monkeypatch):
         out[setting] = model.generate(prompt, 40, do_sample=False)
     assert torch.equal(out["0"], out["1"])
     assert torch.equal(per_token_argmax(model, out["1"], 5), out["1"][5:])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_of_the_compiled_step_equals_eager_on_gpu(monkeypatch):
+    """The CUDA graph captures the compiled step (masked ring, counters on the device)."""
+    model = trained_looking_model(16, "torch").cuda()
+    model.num_max_positions = 16
+    prompt = torch.randint(0, V, (5, 3), device="cuda")
+    monkeypatch.setenv("SHARNN_GENERATE_CUDA_GRAPHS", "1")
+    compiled = model.generate(prompt, 40, do_sample=False, compile=True)
+    assert generation.is_step_compiled(model, 3, prompt.device, masked=True)
+    assert torch.equal(compiled, model.generate(prompt, 40, do_sample=False, compile=False))
+    assert torch.equal(per_token_argmax(model, compiled, 5), compiled[5:])
 
 
 def test_bad_cuda_graph_setting_is_rejected(monkeypatch):
@@ -193,6 +208,7 @@ def test_sampled_frequencies_follow_the_distribution(kwargs):
     (torch.zeros(2, 1, dtype=torch.long), dict(top_p=1.5), ValueError, "top_p"),
     (torch.zeros(2, 1, dtype=torch.long), dict(top_k=0), ValueError, "top_k"),
     (torch.zeros(2, 1, dtype=torch.long), dict(generator=3), TypeError, "generator"),
+    (torch.zeros(2, 1, dtype=torch.long), dict(compile="on"), TypeError, "compile must be None"),
 ])
 def test_bad_input_raises_clear_errors(prompt, kwargs, error, match):
     model = trained_looking_model(8)
@@ -255,3 +271,160 @@ def test_a_tiny_temperature_samples_the_most_likely_token(temperature):
     generator = torch.Generator().manual_seed(0)
     draws = choose_next(LOGITS.expand(50, -1), True, temperature, None, None, generator)
     assert torch.equal(draws, LOGITS.argmax(-1).expand(50))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The compiled step. Two compiles in all (the step on a CPU, and the masked ring a CUDA graph
+# replays), about 25 s each with an empty Inductor cache on 2 cores: one model for the module.
+# ---------------------------------------------------------------------------------------------------
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append((record.levelno, record.getMessage()))
+
+
+@pytest.fixture
+def generation_log():
+    handler = _Records()
+    level = generation.logger.level
+    generation.logger.addHandler(handler)
+    generation.logger.setLevel(logging.DEBUG)
+    yield handler.messages
+    generation.logger.removeHandler(handler)
+    generation.logger.setLevel(level)
+
+
+def graphs_compiled():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """A model with a small memory cap (16, crossed below) whose step is compiled for B 2 on the
+    CPU, the first compile's log, prompt and greedy output."""
+    model = trained_looking_model(14, "torch")
+    model.num_max_positions = 16
+    prompt = torch.randint(0, V, (5, 2))
+    handler = _Records()
+    generation.logger.addHandler(handler)
+    level = generation.logger.level
+    generation.logger.setLevel(logging.INFO)
+    try:
+        out = model.generate(prompt, 40, do_sample=False, compile=True)
+    finally:
+        generation.logger.removeHandler(handler)
+        generation.logger.setLevel(level)
+    return model, prompt, out, handler.messages
+
+
+def test_compiled_greedy_equals_the_published_loop_across_the_cap_and_reports_its_compile(compiled):
+    model, prompt, out, log = compiled
+    assert generation.is_step_compiled(model, 2, torch.device("cpu"), masked=False)
+    assert torch.equal(out, model.generate(prompt, 40, do_sample=False, compile=False))
+    assert torch.equal(per_token_argmax(model, out, 5), out[5:])
+    assert len(log) == 1 and log[0][0] == logging.INFO, log
+    assert log[0][1].startswith("compiled the decode step in ") and "once per model and batch size" in log[0][1]
+
+
+def test_compiled_step_never_compiles_again_for_the_same_model_and_batch(compiled, generation_log):
+    """Token after token, call after call (another prompt length, new weights, a state carried on,
+    compile=None now that it is compiled): one graph, compiled once."""
+    model, prompt, out, _ = compiled
+    before = graphs_compiled()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = model.generate(prompt, 40, do_sample=False)  # compile=None: compiled already, so used
+        longer = model.generate(torch.randint(0, V, (11, 2)), 30, do_sample=False, compile=True)
+        assert torch.equal(per_token_argmax(model, longer, 11), longer[11:])
+        weights = {name: p.clone() for name, p in model.named_parameters()}
+        try:
+            with torch.no_grad():  # weights are inputs of the graph: new values, no new compile
+                model.blocks[1].rnn.weight_hh_l0.mul_(0.5)
+                model.blocks[2].ff.linear1.bias.add_(0.3)
+            changed = model.generate(prompt, 40, do_sample=False, compile=True)
+            assert torch.equal(changed, model.generate(prompt, 40, do_sample=False, compile=False))
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(weights[name])
+    assert graphs_compiled() == before and generation_log == []
+    assert torch.equal(again, out)
+    assert not torch.equal(changed, out)
+
+
+def test_compiled_state_matches_forward_and_continues_generation(compiled):
+    model = compiled[0]
+    prompt = torch.randint(0, V, (4, 2))
+    first, state = model.generate(prompt, 8, do_sample=False, return_state=True, compile=True)
+    eager_first, eager_state = model.generate(prompt, 8, do_sample=False, return_state=True, compile=False)
+    assert torch.equal(first, eager_first)
+    for (h, c), (h2, c2) in zip(state.hidden, eager_state.hidden):
+        assert_close(h, h2, name="h of the compiled state")
+        assert_close(c, c2, name="c of the compiled state")
+    assert [torch.is_tensor(m) for m in state.mems] == [False, True, False]
+    for m, m2 in zip(state.mems, eager_state.mems):
+        if torch.is_tensor(m):
+            assert_close(m, m2, name="memory of the compiled state")
+    more = torch.randint(0, V, (3, 2))
+    continued = model.generate(more, 20, do_sample=False, state=state, compile=True)
+    assert torch.equal(per_token_argmax(model, torch.cat([first, continued]), 15), continued[3:])
+
+
+def test_compiled_sampling_draws_what_the_eager_step_draws(compiled):
+    model = compiled[0]
+    prompt = torch.randint(0, V, (4, 2))
+    runs = [model.generate(prompt, 30, top_k=10, top_p=0.9, temperature=0.8, compile=setting,
+                           generator=torch.Generator().manual_seed(7)) for setting in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_compiled_masked_ring_as_the_cuda_graph_replays_it(compiled):
+    """On CUDA the compiled step attends over the whole ring with a mask (no .item(): a CUDA graph
+    captures it). The same compiled step runs here on the CPU: same tokens, across the cap."""
+    model, prompt, out, _ = compiled
+    masked = generate(model, prompt, 40, do_sample=False, static=True, compile=True)
+    assert generation.is_step_compiled(model, 2, torch.device("cpu"), masked=True)
+    assert torch.equal(masked, model.generate(prompt, 40, do_sample=False, compile=False))
+    assert torch.equal(per_token_argmax(model, masked, 5), masked[5:])
+
+
+def test_a_compile_that_fails_falls_back_with_one_warning_or_raises_when_asked(monkeypatch, generation_log):
+    """No C++ compiler for Inductor, say: compile=None decodes without compiling (the state the
+    failed compile wrote is put back) and warns once; compile=True raises."""
+    def no_compiler():
+        def step(model, decoder, token):
+            for t in decoder.tensors():
+                t.fill_(float("nan") if t.is_floating_point() else 3)
+            raise RuntimeError("no C++ compiler found")
+        return step
+
+    monkeypatch.setattr(generation, "_new_compiled_step", no_compiler)
+    monkeypatch.setattr(generation, "COMPILE_MIN_TOKENS", 10)
+    model = trained_looking_model(15, "torch")
+    model.num_max_positions = 12
+    prompt = torch.randint(0, V, (5, 2))
+    eager = model.generate(prompt, 30, do_sample=False, compile=False)
+    assert generation_log == []
+    for _ in range(2):
+        assert torch.equal(model.generate(prompt, 30, do_sample=False), eager)
+    assert len(generation_log) == 1 and generation_log[0][0] == logging.WARNING, generation_log
+    assert "could not compile the decode step" in generation_log[0][1] and "no C++ compiler" in generation_log[0][1]
+    with pytest.raises(CompileError, match="no C\\+\\+ compiler.*compile=False"):
+        model.generate(prompt, 30, do_sample=False, compile=True)
+
+
+def test_compile_none_compiles_only_long_generations_on_a_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    n = generation.COMPILE_MIN_TOKENS
+    assert not use_compile(None, cpu, 19, False)  # a short generate never pays for a compile
+    assert not use_compile(None, cpu, n - 1, False)
+    assert use_compile(None, cpu, n, False)
+    assert use_compile(None, cpu, 19, True)  # compiled already: free
+    assert not use_compile(None, cuda, n, False) and not use_compile(None, cuda, 19, True)
+    assert use_compile(True, cuda, 19, False) and use_compile(True, cpu, 1, False)
+    assert not use_compile(False, cpu, n, True)
+    assert not use_compile(True, cpu, 0, False)  # no step to take

@@ -135,8 +135,8 @@ def test_a_reader_that_stops_reading_ends_generate_quietly(checkpoint):
     from training_helpers import ROOT, sharnn_env
 
     process = subprocess.Popen([sys.executable, "-m", "sharnn_fast", "generate", "--checkpoint", str(checkpoint),
-                                "--prompt", "The ", "--max-new-tokens", "100000"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=sharnn_env(), cwd=ROOT)
+                                "--prompt", "The ", "--max-new-tokens", "100000", "--compile", "off"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sharnn_env(), cwd=ROOT)
     try:
         assert len(process.stdout.read(20)) == 20
         process.stdout.close()  # as head does when it has its 20 bytes
@@ -145,3 +145,38 @@ def test_a_reader_that_stops_reading_ends_generate_quietly(checkpoint):
     finally:
         process.kill()
     assert stderr == ""
+
+
+def test_compile_on_reports_its_compile_on_stderr_and_off_never_compiles(checkpoint, capsys, monkeypatch):
+    """--compile on|off reaches generate; the compile's one line (logged by sharnn_fast.generation)
+    goes to stderr. The compile itself is stubbed out here: tests/test_generation.py compiles."""
+    from sharnn_fast import generation
+
+    calls = []
+
+    def stub(model, decoder, batch, required):
+        calls.append(required)
+        generation.logger.info("compiled the decode step in %.1f s (once per model and batch size)", 1.5)
+        return None  # as after a failed compile: the eager step decodes
+
+    monkeypatch.setattr(generation, "_compile_step", stub)
+    common = ["generate", "--checkpoint", checkpoint, "--prompt", "def ", "--max-new-tokens", "25", "--greedy"]
+    off = run_main(capsys, *common, "--compile", "off")
+    on = run_main(capsys, *common, "--compile", "on")
+    assert off.returncode == on.returncode == 0, (off.stderr, on.stderr)
+    assert calls == [True] and off.stderr == ""
+    assert on.stderr == "compiled the decode step in 1.5 s (once per model and batch size)\n"
+    assert on.stdout == off.stdout
+
+
+def test_compile_on_that_cannot_compile_gets_one_line(checkpoint, capsys, monkeypatch):
+    from sharnn_fast import generation
+
+    def no_compiler():
+        def step(model, decoder, token):
+            raise RuntimeError("no C++ compiler found")
+        return step
+
+    monkeypatch.setattr(generation, "_new_compiled_step", no_compiler)
+    result = run_main(capsys, "generate", "--checkpoint", checkpoint, "--prompt", "a", "--compile", "on")
+    assert_one_line_error(result, "no C++ compiler found", "--compile off")
