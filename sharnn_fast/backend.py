@@ -43,16 +43,20 @@ ENV_VAR = "SHARNN_FAST_BACKEND"
 # - lstm, one layer, T 1024, B 16, H 1024: fp16 torch (cuDNN's persistent algorithm) 8.80 ms, cuda
 #   14.2; bf16 cuda 14.1 ms, triton 18.6, torch (cuDNN's standard algorithm) 36.8; fp32 cuda 36.3,
 #   torch 49.1, triton 66.8. cuDNN's persistent LSTM runs float16 only, on some shapes
-#   (_cudnn_persistent_lstm); everywhere else the cuda kernel is the fastest.
+#   (cudnn_persistent_lstm); everywhere else the cuda kernel is the fastest.
 # - attention, d 1024, Tq 1024, Tk 5000, bf16, dropout 0.1: triton 3.95 ms, torch 7.20 (its
 #   materialised path), SDPA 21.7. (Forward only at Tk 1024, SDPA's 0.41 ms beats triton's 0.45.)
 # - boom, d 1024, F 4096, bf16: triton 2.31 ms, torch 4.00.
 # A whole training step (bf16, single head, memory 3976) with these choices took 73.9 ms against the
 # torch backend's 174 ms; the published model took 55.3 ms, because under bf16 autocast its nn.LSTM
-# runs cuDNN in float16 (PyTorch's autocast rule for cuDNN RNNs, see the notes).
+# runs cuDNN in float16 (PyTorch's autocast rule for cuDNN RNNs, see the notes). Since then the
+# torch backend runs a bfloat16 LSTM at those sizes through the same float16 cuDNN kernel, with
+# exact casts and gradients scaled per call (ops/lstm/torch_native.py), so it comes first for
+# bfloat16 there too. That choice is predicted from the float16 figure above plus the casts (a few
+# passes over [T, B, H] tensors, tens of microseconds each); it has not run on a GPU yet.
 
 
-def _cudnn_persistent_lstm(x, weight_ih, weight_hh, *rest, dtype: torch.dtype) -> bool:
+def cudnn_persistent_lstm(x, weight_ih, weight_hh, *rest, dtype: torch.dtype) -> bool:
     """Whether PyTorch runs this LSTM call (x [T, B, I], weight_hh [4H, H]) with cuDNN's persistent
     algorithm, its fastest: float16 only, one layer, H <= 1024, H and I multiples of 128, and on
     sm_80 or newer B a multiple of 8 and at most 128 (PyTorch's aten/src/ATen/native/cudnn/RNN.cpp,
@@ -64,8 +68,15 @@ def _cudnn_persistent_lstm(x, weight_ih, weight_hh, *rest, dtype: torch.dtype) -
 
 
 def _lstm_on_cuda(args: tuple, dtype: torch.dtype) -> tuple[tuple[str, ...], Optional[str]]:
-    if _cudnn_persistent_lstm(*args, dtype=dtype):
-        return ("torch", "cuda", "triton", "reference"), "float16 at these sizes: cuDNN's persistent LSTM"
+    # Under torch.compile the torch backend is a custom op that runs the bfloat16 LSTM in bfloat16
+    # (torch_native.py), so the float16 route below is eager only.
+    via_float16 = dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+    if (dtype == torch.float16 or via_float16) and cudnn_persistent_lstm(*args, dtype=torch.float16):
+        if dtype == torch.float16:
+            return ("torch", "cuda", "triton", "reference"), "float16 at these sizes: cuDNN's persistent LSTM"
+        return (("torch", "cuda", "triton", "reference"),
+                "bfloat16 at these sizes: cuDNN's persistent float16 LSTM, exact casts, gradients "
+                "scaled per call (predicted faster, not yet measured on a GPU)")
     return ("cuda", "triton", "torch", "reference"), None
 
 

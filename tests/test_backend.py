@@ -69,7 +69,8 @@ def test_invalid_names_are_rejected(monkeypatch):
 @pytest.mark.parametrize("dtype, B, I, H, capability, cudnn_first", [
     (torch.float16, 16, 1024, 1024, (9, 0), True),
     (torch.float16, 128, 256, 128, (8, 0), True),
-    (torch.bfloat16, 16, 1024, 1024, (9, 0), False),  # cuDNN's persistent algorithm is float16 only
+    (torch.bfloat16, 16, 1024, 1024, (9, 0), True),   # through cuDNN's float16 LSTM (torch_native.py)
+    (torch.bfloat16, 10, 1024, 1024, (9, 0), False),  # ... only where its persistent algorithm runs
     (torch.float32, 16, 1024, 1024, (9, 0), False),
     (torch.float16, 10, 1024, 1024, (9, 0), False),   # B not a multiple of 8 (sharnn eval's 10 columns)
     (torch.float16, 136, 1024, 1024, (9, 0), False),  # B over 128
@@ -93,18 +94,27 @@ def test_auto_lstm_on_cuda_prefers_cudnn_where_pytorch_runs_its_persistent_algor
     assert sorted(order) == sorted(backend.BACKENDS)
     assert order[0] == ("torch" if cudnn_first else "cuda")
     assert (because is not None) == cudnn_first
+    if because is not None:
+        assert because.startswith(str(dtype).removeprefix("torch.") + " at these sizes: cuDNN's persistent")
+    if dtype == torch.bfloat16:  # under torch.compile the torch backend runs bfloat16 as it is
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        order, because = backend._AUTO_PREFERENCE["lstm"]["cuda"]((x, None, weight_hh, None, None, None), dtype)
+        assert order[0] == "cuda" and because is None
 
 
 @pytest.mark.gpu
-def test_auto_lstm_on_a_gpu_runs_cudnn_in_fp16_and_the_cuda_kernel_otherwise():
+def test_auto_lstm_on_a_gpu_runs_cudnn_in_fp16_and_bf16_and_the_cuda_kernel_otherwise():
     from sharnn_fast import build_info
     w = [torch.randn(4 * 128, 128, device="cuda") * 0.1 for _ in range(2)] + [torch.zeros(512, device="cuda")] * 2
-    for B, dtype, expected in [(16, torch.float16, "torch"), (10, torch.float16, None), (16, torch.bfloat16, None)]:
+    for B, dtype, expected in [(16, torch.float16, "torch"), (10, torch.float16, None), (16, torch.bfloat16, "torch"),
+                               (10, torch.bfloat16, None)]:
         x = torch.randn(5, B, 128, device="cuda")
         with torch.autocast("cuda", dtype=dtype):
             ops.lstm(x, *w)
         line = [s for s in sharnn_fast.explain().splitlines() if s.startswith("lstm:")][0]
         if expected == "torch":
-            assert line.startswith("lstm: torch (auto on cuda, static preference (float16"), line
+            name = str(dtype).removeprefix("torch.")
+            assert line.startswith(f"lstm: torch (auto on cuda, static preference ({name} at these sizes"), line
+            assert ("cuDNN's float16 LSTM for bfloat16 inputs" in line) == (dtype == torch.bfloat16), line
         else:
             assert line.startswith("lstm: cuda" if build_info()["cuda"] else "lstm: triton"), line

@@ -4,9 +4,10 @@ import torch.nn as nn
 
 from op_cases import LSTM, lstm_inputs
 from sharnn_fast.ops.lstm import torch_native
+import sharnn_fast
 from sharnn_fast import ops
-from tolerances import (CUDNN_BF16_SLACK, REDUCED_SLACK, assert_all_close, compare_in_reduced_precision,
-                        fp32_tolerance, outputs_and_grads)
+from tolerances import (CUDNN_BF16_SLACK, REDUCED_SLACK, assert_all_close, assert_close_reduced,
+                        compare_in_reduced_precision, fp32_tolerance, outputs_and_grads)
 
 # (T, B, I, H): single step, batch of one, odd lengths and batches, widths not powers of two.
 SHAPES = [(1, 1, 8, 8), (1, 3, 80, 96), (37, 3, 96, 80), (5, 1, 80, 80)]
@@ -162,3 +163,133 @@ def test_custom_ops_pass_opcheck(onednn):
         grads = tuple(torch.randn_like(t) for t in outputs)
         torch.library.opcheck(torch_native.lstm_torch_bwd,
                               (*(t.detach() for t in args), *(t.detach() for t in outputs), *grads))
+
+
+# ---- bfloat16 through cuDNN's float16 LSTM (ops/lstm/torch_native.py, _Float16ForBfloat16) ------
+# On CUDA the route is taken where cuDNN has its persistent algorithm; here it is forced on CPU,
+# with oneDNN off so that ATen's own float16 and bfloat16 LSTMs run on any x86-64 CPU.
+@pytest.fixture
+def via_float16(monkeypatch):
+    monkeypatch.setattr(torch_native, "float16_for_bfloat16", lambda x, weight_hh: x.dtype == torch.bfloat16)
+    torch_native.FLOAT16_FALLBACKS.clear()
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+def _bf16(inputs):
+    return {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+
+
+def _grads(run, inputs, cotangent_scale=1.0, seed=7):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    y, (h, c) = run(**leaves)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen) * cotangent_scale).sum() for o in (y, h, c))
+    return [o.detach() for o in (y, h, c)], dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bfloat16_via_float16_matches_the_reference(via_float16, shape, with_state):
+    """Values and every gradient within the bf16 budget of the float32 reference; the outputs are
+    float16 torch.lstm's on the exactly cast inputs, rounded to bfloat16 (so the route ran)."""
+    inputs = lstm_inputs(*shape, with_state=with_state)
+    got = compare_in_reduced_precision(LSTM.run("torch"), LSTM.run("reference"), inputs, torch.bfloat16)
+    low = _bf16(inputs)
+    LSTM.run("torch")(**low)
+    assert sharnn_fast.explain() == ("lstm: torch (requested explicitly, on cpu); cuDNN's float16 LSTM for "
+                                     "bfloat16 inputs (its persistent algorithm at these sizes; exact casts, "
+                                     "gradients scaled per call)")
+    assert all((low[k].to(torch.float16).to(torch.bfloat16) == low[k]).all() for k in low)  # exact casts
+    with torch.no_grad():
+        y, (h, c) = _eager_pairs(**{k: v.to(torch.float16) for k, v in low.items()})
+    for a, b in zip(got[0], (y, h, c)):
+        assert torch.equal(a, b.to(torch.bfloat16))
+    assert not torch_native.FLOAT16_FALLBACKS
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_bfloat16_via_float16_keeps_gradients_below_float16s_range(via_float16):
+    """Incoming gradients of about 1e-9 (float16's smallest subnormal is 6e-8): unscaled, every
+    gradient would be zero in float16; scaled, they match the float32 reference as bf16 does."""
+    inputs = lstm_inputs(37, 3, 96, 80)
+    expected = _grads(LSTM.run("reference"), inputs, 1e-9)[1]
+    reference_bf16 = _grads(LSTM.run("reference"), _bf16(inputs), 1e-9)[1]
+    got = _grads(LSTM.run("torch"), _bf16(inputs), 1e-9)[1]
+    for name in expected:
+        scale = expected[name].abs().max()
+        err = ((got[name].double() - expected[name].double()).abs().max() / scale).item()
+        ref_err = ((reference_bf16[name].double() - expected[name].double()).abs().max() / scale).item()
+        assert err <= 2 * ref_err, f"grad of {name}: {err:.3g} > 2 x {ref_err:.3g}"
+    assert not torch_native.FLOAT16_FALLBACKS
+
+
+def _eager_pairs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0=None, c0=None):
+    """torch.lstm itself, in the inputs' dtype (what a call that falls back runs, in bfloat16)."""
+    if h0 is None:
+        h0 = c0 = x.new_zeros(1, x.shape[1], weight_hh.shape[1])
+    y, h, c = _eager_torch_lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
+    return y, (h, c)
+
+
+def test_bfloat16_via_float16_falls_back_when_an_input_exceeds_float16(via_float16):
+    """x = 1e5 is inf in float16; with a small weight on it, the gates would saturate on the inf
+    and return finite, wrong values: the inputs are checked, not only the outputs."""
+    inputs = _bf16(lstm_inputs(5, 2, 8, 8))
+    inputs["x"][2, 1, 3] = 1e5
+    inputs["weight_ih"][:, 3] = 1e-6
+    with pytest.warns(RuntimeWarning, match="forward exceeds float16's range"):
+        got = _grads(LSTM.run("torch"), inputs)
+    expected = _grads(_eager_pairs, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], expected[0]))
+    assert all(torch.equal(got[1][k], expected[1][k]) for k in expected[1])
+    assert torch.isfinite(got[0][0]).all()
+    assert torch_native.FLOAT16_FALLBACKS == {"forward": 1}
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="forward exceeds"):
+        y, _ = LSTM.run("torch")(**inputs)  # inference too
+    assert torch.equal(y, expected[0][0])
+
+
+def test_bfloat16_via_float16_falls_back_when_a_gradient_exceeds_float16(via_float16):
+    """A weight gradient beyond 65504 times the largest incoming gradient: x[..., 0] = 6e4 (fits
+    float16) with small weights on it, so the gates do not saturate and dW_ih[:, 0] sums 6e4 x
+    dgates over 15 positions."""
+    inputs = _bf16(lstm_inputs(5, 3, 8, 8))
+    inputs["x"][..., 0] = 6e4
+    inputs["weight_ih"][:, 0] = 1e-5
+    with pytest.warns(RuntimeWarning, match="backward exceeds float16's range"):
+        got = _grads(LSTM.run("torch"), inputs)
+    expected = _grads(_eager_pairs, inputs)
+    assert torch_native.FLOAT16_FALLBACKS == {"backward": 1}
+    assert torch.isfinite(got[1]["weight_ih"]).all()
+    assert all(torch.equal(got[1][k], expected[1][k]) for k in expected[1])
+
+
+def test_bfloat16_via_float16_propagates_nan_without_falling_back(via_float16):
+    inputs = _bf16(lstm_inputs(3, 2, 8, 8))
+    inputs["x"][1, 0, 0] = float("nan")
+    (y, h, c), grads = _grads(LSTM.run("torch"), inputs)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1:, 0]).all() and torch.isfinite(y[:, 1]).all()
+    assert not torch_native.FLOAT16_FALLBACKS
+
+
+def test_bfloat16_via_float16_gradients_only_for_inputs_that_want_them(via_float16):
+    """Only x wants a gradient (frozen weights, no state): it is the float32 reference's within the
+    bf16 budget; and a second-order gradient raises instead of returning a wrong value."""
+    inputs = lstm_inputs(4, 2, 8, 8, with_state=False)
+
+    def grad_of_x(backend, dtype):
+        x = inputs["x"].to(dtype).requires_grad_(True)
+        weights = [inputs[k].to(dtype) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        y, _ = ops.lstm(x, *weights, backend=backend)
+        y.float().sum().backward()
+        return x.grad
+    got = grad_of_x("torch", torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert_close_reduced(got, grad_of_x("reference", torch.bfloat16), grad_of_x("reference", torch.float32), "grad of x")
+    x = inputs["x"].to(torch.bfloat16).requires_grad_(True)
+    weights = [inputs[k].to(torch.bfloat16).requires_grad_(True) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    y, _ = ops.lstm(x, *weights, backend="torch")
+    with pytest.raises(RuntimeError, match="higher-order gradient"):
+        torch.autograd.grad(y.float().sum(), x, create_graph=True)

@@ -22,17 +22,42 @@ into T steps and specialises the graph to the segment length. Inside the ops:
   step for the recurrent gradient. Not as fast as cuDNN's backward, and not yet measured on a GPU.
 
 Eager calls keep calling ``torch.lstm`` directly (no custom-op dispatch, and double backward where
-ATen's CPU LSTM has it).
+ATen's CPU LSTM has it), except a **bfloat16 LSTM on CUDA at the sizes where cuDNN has its
+persistent algorithm** (float16 only; :func:`~sharnn_fast.backend.cudnn_persistent_lstm`). cuDNN's
+bfloat16 LSTM takes its standard, step-by-step algorithm, about four times slower at the paper's
+size (36.8 ms against 8.8 ms a layer, forward and backward, H200, 2026-12-04). So there the layer
+runs in float16 (:class:`_Float16ForBfloat16`), the route nn.LSTM takes under bfloat16 autocast
+(PyTorch's autocast casts every cuDNN RNN to float16), with what that route lacks added:
+
+- the casts are exact in float16's normal range (2**-14 to 65504): a bfloat16 value has 8
+  significant bits and float16 holds 11; smaller inputs lose bits (an absolute error below 2**-25
+  each, far under the bfloat16 rounding of any gate); cuDNN computes in float32; the outputs are
+  rounded to bfloat16 at the end;
+- the backward scales the incoming gradients by a power of two that brings their largest
+  magnitude to [1, 2) before casting them to float16, and divides the results by it in float32:
+  the backward is linear in those gradients, so nothing changes but the range, and gradients far
+  below float16's range (as small as a loss averaged over 16K tokens gives) are kept rather than
+  flushed to zero;
+- where float16's range is still exceeded (an input above 65504, a gradient that grows more than
+  2**15 times through the layer), the non-finite result is caught (one device synchronisation
+  per forward and per backward) and that call runs in bfloat16 instead, with a warning; the
+  counts are in ``FLOAT16_FALLBACKS``.
+
+Values therefore match a bfloat16 computation to bfloat16 rounding. Not used under CUDA graph
+capture (the check synchronises) or torch.compile (the custom op above runs bfloat16).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import warnings
 import weakref
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from ...backend import cudnn_persistent_lstm, note_path
 from .._dtypes import compute_dtype, math_dtype, no_autocast
 
 _NOT_FLAT_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
@@ -66,9 +91,125 @@ def lstm_torch(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *hx))
     if torch.compiler.is_compiling():
         y, h_n, c_n = lstm_torch_fwd(x, *weights, *hx, needs_grad)
-    else:
+        return y, (h_n, c_n)
+    via_float16 = float16_for_bfloat16(x, weights[1])
+    note_path("lstm", lambda: _describe(x, via_float16))
+    if not via_float16:
         y, h_n, c_n = _torch_lstm(x, weights, hx, needs_grad)
+    elif needs_grad:
+        y, h_n, c_n = _Float16ForBfloat16.apply(x, *weights, *hx)
+    else:
+        y, h_n, c_n = _float16_inference(x, weights, hx)
     return y, (h_n, c_n)  # [T, B, H], ([1, B, H], [1, B, H])
+
+
+def _describe(x, via_float16: bool) -> str:
+    if via_float16:
+        return ("cuDNN's float16 LSTM for bfloat16 inputs (its persistent algorithm at these sizes; "
+                "exact casts, gradients scaled per call)")
+    return f"torch.lstm in {str(x.dtype).removeprefix('torch.')}"
+
+
+# ------------------------------------------------------------------------------------------------
+# bfloat16 through cuDNN's float16 LSTM (see the module docstring)
+# ------------------------------------------------------------------------------------------------
+
+FLOAT16_FALLBACKS = collections.Counter()  # "forward" / "backward": calls that ran bfloat16 instead
+
+
+def float16_for_bfloat16(x: torch.Tensor, weight_hh: torch.Tensor) -> bool:
+    """Whether this eager torch-backend call (x [T, B, I] in its compute dtype) runs bfloat16 through
+    cuDNN's float16 LSTM: bfloat16 on CUDA where cuDNN has its persistent float16 algorithm, outside
+    CUDA graph capture (the overflow check synchronises)."""
+    return (x.dtype == torch.bfloat16 and cudnn_persistent_lstm(x, None, weight_hh, dtype=torch.float16)
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """One boolean on the device: every element of every tensor is finite."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def _fell_back(where: str, why: str) -> None:
+    FLOAT16_FALLBACKS[where] += 1
+    warnings.warn(f"sharnn_fast: the bfloat16 LSTM's {where} {why} float16's range; this call ran "
+                  "cuDNN's bfloat16 LSTM instead (same values to bfloat16 rounding, slower)",
+                  RuntimeWarning, stacklevel=2)
+
+
+def _forward_check(inputs, inputs16, outputs16) -> tuple[bool, bool]:
+    """(overflowed, inputs finite), with one synchronisation. Overflowed: float16 lost what
+    bfloat16 holds, i.e. an input beyond 65504 (it would turn inf, and a gate could saturate on it
+    silently) or a non-finite output, while every input is finite (else the output is non-finite
+    in bfloat16 too)."""
+    fits, finite = torch.stack([_all_finite(inputs16) & _all_finite(outputs16), _all_finite(inputs)]).tolist()
+    return finite and not fits, finite
+
+
+def _float16_inference(x, weights, hx):
+    inputs, inputs16 = (x, *weights, *hx), [t.to(torch.float16) for t in (x, *weights, *hx)]
+    outputs = _torch_lstm(inputs16[0], inputs16[1:5], inputs16[5:], needs_grad=False)
+    if _forward_check(inputs, inputs16, outputs)[0]:
+        _fell_back("forward", "exceeds")
+        return _torch_lstm(x, weights, hx, needs_grad=False)
+    return tuple(t.to(torch.bfloat16) for t in outputs)
+
+
+def _gradient_scale(grads) -> torch.Tensor:
+    """The power of two (float32, on the device, no synchronisation) that brings the largest
+    magnitude among ``grads`` to [1, 2); 1 where they are all zero or one is not finite."""
+    largest = torch.stack([g.abs().amax().float() for g in grads]).amax()
+    exponent = torch.floor(torch.log2(largest)).clamp(-126, 126)
+    usable = torch.isfinite(largest) & (largest > 0)
+    return torch.where(usable, torch.exp2(-exponent), torch.ones_like(largest))
+
+
+class _Float16ForBfloat16(torch.autograd.Function):
+    """(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0), all bfloat16 -> (y, h_n, c_n) in
+    bfloat16, computed by torch.lstm in float16 (cuDNN) with the backward's gradients scaled; see
+    the module docstring. The float16 autograd graph lives on ``ctx`` until the backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        ctx.in_float16 = True
+        ctx.leaves, ctx.outputs = _graph(inputs, ctx.needs_input_grad, torch.float16)
+        overflowed, ctx.inputs_finite = _forward_check(inputs, ctx.leaves, ctx.outputs)
+        if overflowed:
+            _fell_back("forward", "exceeds")
+            ctx.in_float16 = False
+            ctx.leaves, ctx.outputs = _graph(inputs, ctx.needs_input_grad, torch.bfloat16)
+        return tuple(o.detach().to(torch.bfloat16, copy=True) for o in ctx.outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        leaves, outputs = ctx.leaves, ctx.outputs
+        del ctx.leaves, ctx.outputs  # the float16 graph goes with its one backward
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        if ctx.in_float16:
+            scale = _gradient_scale(grad_outputs)
+            scaled = [(g.float() * scale).to(torch.float16) for g in grad_outputs]
+            grads = [g.float() / scale for g in torch.autograd.grad(outputs, wanted, scaled)]
+            finite = torch.stack([_all_finite(grads), _all_finite(grad_outputs)]).tolist()
+            if finite == [False, True] and ctx.inputs_finite:  # else non-finite in bfloat16 too
+                _fell_back("backward", "exceeds")
+                leaves, outputs = _graph(ctx.saved_tensors, ctx.needs_input_grad, torch.bfloat16)
+                wanted = [leaf for leaf in leaves if leaf.requires_grad]
+                grads = torch.autograd.grad(outputs, wanted, grad_outputs)
+        else:
+            grads = torch.autograd.grad(outputs, wanted, grad_outputs)
+        grads = iter(grads)
+        return tuple(next(grads).to(torch.bfloat16) if leaf.requires_grad else None for leaf in leaves)
+
+
+def _graph(inputs, needs_grad, dtype):
+    """torch.lstm on detached copies of ``inputs`` in ``dtype`` with an autograd graph from the
+    copies that need a gradient -> (leaves, (y, h_n, c_n))."""
+    with torch.enable_grad():
+        leaves = [t.detach().to(dtype).requires_grad_(wanted) for t, wanted in zip(inputs, needs_grad)]
+        outputs = _torch_lstm(leaves[0], leaves[1:5], leaves[5:], needs_grad=True)
+    return leaves, outputs
 
 
 @functools.lru_cache(maxsize=None)
