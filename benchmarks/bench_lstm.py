@@ -5,7 +5,9 @@ with B 1 for inference (forward only). CPU: a small size in float32, without the
 interpreter is not a benchmark). Each case is one mode and dtype, its backends timed interleaved
 (conftest's ``bench``) against nn.LSTM's kernel in float32 (backend "torch": cuDNN on CUDA; named
 "torch float32" in the float16 and bfloat16 cases). Each row reports time (also per sequential
-step), achieved TFLOP/s, the limit (benchmarks/harness/peaks.py) and, on CUDA, peak memory.
+step), achieved TFLOP/s, the limit (benchmarks/harness/peaks.py) and, on CUDA, peak memory. In
+bfloat16 at the paper's size "torch" runs cuDNN's float16 kernel (ops/lstm/torch_native.py);
+"torch-bf16-cudnn" is cuDNN's own bfloat16 LSTM, which it replaced.
 Targets (GPU, bf16 triton): faster than 2x the step-by-step reference, within 1.5x of the baseline.
 """
 import importlib
@@ -16,7 +18,7 @@ import torch
 
 from conftest import Variant
 from sharnn_fast import ops
-from sharnn_fast.ops.lstm import IMPLEMENTATIONS
+from sharnn_fast.ops.lstm import IMPLEMENTATIONS, torch_native
 
 SIZES = {
     "cuda": dict(T=1024, B=16, I=1024, H=1024),
@@ -91,6 +93,18 @@ def lstm_step(args, dy, backend, mode, graphs=None):
     return run_with_graphs_setting
 
 
+def _without_float16_route(run):
+    """``run`` with the torch backend's bf16-through-float16 LSTM route off: cuDNN's own bf16 LSTM."""
+    def run_in_bfloat16():
+        route = torch_native.float16_for_bfloat16
+        torch_native.float16_for_bfloat16 = lambda x, weight_hh: False
+        try:
+            run()
+        finally:
+            torch_native.float16_for_bfloat16 = route
+    return run_in_bfloat16
+
+
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_lstm(bench, device, dtype_name, mode):
@@ -135,6 +149,9 @@ def test_lstm(bench, device, dtype_name, mode):
             skipped[variant] = reason
             continue
         variants[variant] = lstm_step(args, dy, backend, mode, graphs="0" if variant == "triton-launches" else None)
+    if device.type == "cuda" and dtype_name == "bfloat16" and torch_native.float16_for_bfloat16(args[0], args[2]):
+        # "torch" runs this bf16 LSTM through cuDNN's float16 kernel; this variant is what it replaced
+        variants["torch-bf16-cudnn"] = _without_float16_route(lstm_step(args, dy, "torch", mode))
     size = dict(size, dtype=dtype_name)
     bench.compare(f"lstm {mode} {dtype_name}", variants, baseline=baseline, size=size, work=work(dtype_name),
                   skipped=skipped)

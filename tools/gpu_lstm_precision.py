@@ -64,7 +64,7 @@ def main():
         "nn.LSTM float32 under bf16 autocast": nn_lstm(torch.float32, torch.bfloat16),
         "nn.LSTM float32 under fp16 autocast": nn_lstm(torch.float32, torch.float16),
         "ops.lstm torch float16": ours("torch", torch.float16),
-        "ops.lstm torch bfloat16": ours("torch", torch.bfloat16),
+        "ops.lstm torch bfloat16 (fp16 route)": ours("torch", torch.bfloat16),
     }
     if cuda:
         cases["ops.lstm cuda float16"] = ours("cuda", torch.float16)
@@ -96,7 +96,7 @@ def main():
         print(f"{name:40s} fwd+bwd {t}   output dtype {out_dtype[name]}")
     if cuda:
         print("kernels, one fwd+bwd each:")
-        for name in ("nn.LSTM float32 under bf16 autocast", "ops.lstm torch bfloat16",
+        for name in ("nn.LSTM float32 under bf16 autocast", "ops.lstm torch bfloat16 (fp16 route)",
                      "ops.lstm torch float16"):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 cases[name]()
