@@ -287,9 +287,11 @@ def test_bfloat16_via_float16_gradients_only_for_inputs_that_want_them(via_float
         return x.grad
     got = grad_of_x("torch", torch.bfloat16)
     assert got.dtype == torch.bfloat16
-    assert_close_reduced(got, grad_of_x("reference", torch.bfloat16), grad_of_x("reference", torch.float32), "grad of x")
+    assert_close_reduced(got, grad_of_x("reference", torch.bfloat16), grad_of_x("reference", torch.float32),
+                         "grad of x")
     x = inputs["x"].to(torch.bfloat16).requires_grad_(True)
-    weights = [inputs[k].to(torch.bfloat16).requires_grad_(True) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    weights = [inputs[k].to(torch.bfloat16).requires_grad_(True)
+               for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     y, _ = ops.lstm(x, *weights, backend="torch")
     with pytest.raises(RuntimeError, match="higher-order gradient"):
         torch.autograd.grad(y.float().sum(), x, create_graph=True)
