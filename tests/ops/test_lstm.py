@@ -295,3 +295,16 @@ def test_bfloat16_via_float16_gradients_only_for_inputs_that_want_them(via_float
     y, _ = ops.lstm(x, *weights, backend="torch")
     with pytest.raises(RuntimeError, match="higher-order gradient"):
         torch.autograd.grad(y.float().sum(), x, create_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_state", [True, False])
+def test_bfloat16_via_float16_on_gpu(with_state):
+    """The route itself on CUDA, where cuDNN runs its persistent float16 LSTM (B 16, I = H = 128):
+    taken (explain), within the float16 budget of the float32 reference, no fallback."""
+    inputs = lstm_inputs(64, 16, 128, 128, device="cuda", with_state=with_state)
+    assert torch_native.float16_for_bfloat16(inputs["x"].to(torch.bfloat16), inputs["weight_hh"])
+    torch_native.FLOAT16_FALLBACKS.clear()
+    compare_in_reduced_precision(LSTM.run("torch"), LSTM.run("reference"), inputs, torch.bfloat16)
+    assert "cuDNN's float16 LSTM for bfloat16 inputs" in sharnn_fast.explain()
+    assert not torch_native.FLOAT16_FALLBACKS
