@@ -96,12 +96,12 @@ def lstm_step(args, dy, backend, mode, graphs=None):
 def _without_float16_route(run):
     """``run`` with the torch backend's bf16-through-float16 LSTM route off: cuDNN's own bf16 LSTM."""
     def run_in_bfloat16():
-        route = torch_native.float16_for_bfloat16
-        torch_native.float16_for_bfloat16 = lambda x, weight_hh: False
+        route = torch_native.lstm_bfloat16_via_float16
+        torch_native.lstm_bfloat16_via_float16 = lambda x, weight_hh, dtype: False
         try:
             run()
         finally:
-            torch_native.float16_for_bfloat16 = route
+            torch_native.lstm_bfloat16_via_float16 = route
     return run_in_bfloat16
 
 
@@ -149,7 +149,8 @@ def test_lstm(bench, device, dtype_name, mode):
             skipped[variant] = reason
             continue
         variants[variant] = lstm_step(args, dy, backend, mode, graphs="0" if variant == "triton-launches" else None)
-    if device.type == "cuda" and dtype_name == "bfloat16" and torch_native.float16_for_bfloat16(args[0], args[2]):
+    x, weight_hh = args[0], args[2]
+    if device.type == "cuda" and torch_native.lstm_bfloat16_via_float16(x, weight_hh, x.dtype):
         # "torch" runs this bf16 LSTM through cuDNN's float16 kernel; this variant is what it replaced
         variants["torch-bf16-cudnn"] = _without_float16_route(lstm_step(args, dy, "torch", mode))
     size = dict(size, dtype=dtype_name)

@@ -52,28 +52,42 @@ ENV_VAR = "SHARNN_FAST_BACKEND"
 # runs cuDNN in float16 (PyTorch's autocast rule for cuDNN RNNs, see the notes). Since then the
 # torch backend runs a bfloat16 LSTM at those sizes through the same float16 cuDNN kernel, with
 # exact casts and gradients scaled per call (ops/lstm/torch_native.py), so it comes first for
-# bfloat16 there too. That choice is predicted from the float16 figure above plus the casts (a few
-# passes over [T, B, H] tensors, tens of microseconds each); it has not run on a GPU yet.
+# bfloat16 there too. That choice is predicted from the float16 figure above plus its overheads (casts
+# and finiteness checks: a few passes over [T, B, H] tensors, and one synchronisation per forward
+# and per backward, estimated well under a millisecond a layer); nothing of it has run on a GPU yet.
 
 
 def cudnn_persistent_lstm(x, weight_ih, weight_hh, *rest, dtype: torch.dtype) -> bool:
     """Whether PyTorch runs this LSTM call (x [T, B, I], weight_hh [4H, H]) with cuDNN's persistent
     algorithm, its fastest: float16 only, one layer, H <= 1024, H and I multiples of 128, and on
-    sm_80 or newer B a multiple of 8 and at most 128 (PyTorch's aten/src/ATen/native/cudnn/RNN.cpp,
-    get_algo and use_persist_common/device_heuristics). Other GPUs are left to the cuda kernel."""
+    sm_80 or newer with at least 98 SMs and not sm_86, B a multiple of 8 and at most 128 (PyTorch's
+    aten/src/ATen/native/cudnn/RNN.cpp, get_algo and use_persist_common/device_heuristics). Other
+    GPUs (Volta and Turing have their own rules) are left to the cuda kernel."""
     B, I, H = x.shape[1], x.shape[2], weight_hh.shape[1]
-    return (dtype == torch.float16 and x.is_cuda and torch.backends.cudnn.is_available()
+    if not (dtype == torch.float16 and x.is_cuda and torch.backends.cudnn.is_available()
             and torch.backends.cudnn.enabled and H <= 1024 and H % 128 == 0 and I % 128 == 0
-            and B % 8 == 0 and B <= 128 and torch.cuda.get_device_capability(x.device)[0] >= 8)
+            and B % 8 == 0 and B <= 128):
+        return False
+    device = torch.cuda.get_device_properties(x.device)
+    return device.major >= 8 and device.multi_processor_count >= 98 and (device.major, device.minor) != (8, 6)
+
+
+def lstm_bfloat16_via_float16(x, weight_hh, dtype: torch.dtype) -> bool:
+    """Whether the "torch" LSTM runs this call (x [T, B, I] in compute dtype ``dtype``, weight_hh
+    [4H, H]) in float16 on cuDNN's persistent algorithm although it is bfloat16
+    (ops/lstm/torch_native.py): eager, outside CUDA graph capture (its overflow check
+    synchronises), where float16 gets that algorithm and bfloat16 does not (H > 128: at H <= 128
+    get_algo gives every dtype its persistent small-H algorithm)."""
+    return (dtype == torch.bfloat16 and weight_hh.shape[1] > 128
+            and cudnn_persistent_lstm(x, None, weight_hh, dtype=torch.float16)
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
 def _lstm_on_cuda(args: tuple, dtype: torch.dtype) -> tuple[tuple[str, ...], Optional[str]]:
-    # Under torch.compile the torch backend is a custom op that runs the bfloat16 LSTM in bfloat16
-    # (torch_native.py), so the float16 route below is eager only.
-    via_float16 = dtype == torch.bfloat16 and not torch.compiler.is_compiling()
-    if (dtype == torch.float16 or via_float16) and cudnn_persistent_lstm(*args, dtype=torch.float16):
-        if dtype == torch.float16:
-            return ("torch", "cuda", "triton", "reference"), "float16 at these sizes: cuDNN's persistent LSTM"
+    x, _, weight_hh = args[:3]
+    if dtype == torch.float16 and cudnn_persistent_lstm(*args, dtype=dtype):
+        return ("torch", "cuda", "triton", "reference"), "float16 at these sizes: cuDNN's persistent LSTM"
+    if lstm_bfloat16_via_float16(x, weight_hh, dtype):
         return (("torch", "cuda", "triton", "reference"),
                 "bfloat16 at these sizes: cuDNN's persistent float16 LSTM, exact casts, gradients "
                 "scaled per call (predicted faster, not yet measured on a GPU)")

@@ -78,15 +78,24 @@ def test_invalid_names_are_rejected(monkeypatch):
     (torch.float16, 16, 1000, 1024, (9, 0), False),   # I not a multiple of 128
     (torch.float16, 16, 1024, 1000, (9, 0), False),   # H not a multiple of 128
     (torch.float16, 16, 1024, 1024, (7, 5), False),   # before Ampere
+    (torch.float16, 16, 1024, 1024, (8, 6), False),   # sm_86 (A40, A10, RTX 3090) is excluded
+    (torch.float16, 16, 1024, 1024, (8, 9, 58), False),  # fewer than 98 SMs (L4)
+    (torch.bfloat16, 16, 1024, 1024, (8, 9, 58), False),
+    (torch.float16, 16, 1024, 1024, (8, 9, 128), True),  # RTX 4090
+    (torch.bfloat16, 16, 128, 128, (9, 0), False),    # H <= 128: bfloat16 has cuDNN's small-H algorithm
 ])
 def test_auto_lstm_on_cuda_prefers_cudnn_where_pytorch_runs_its_persistent_algorithm(
         monkeypatch, dtype, B, I, H, capability, cudnn_first):
     """The rule of PyTorch's cudnn/RNN.cpp (get_algo), checked without a GPU: a stand-in for x says
-    it is on CUDA, and the device's capability is patched."""
+    it is on CUDA, and the device's properties are patched (capability, and SM count: 132 unless
+    given)."""
     from types import SimpleNamespace
 
     from sharnn_fast import backend
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    major, minor, sms = (*capability, 132)[:3]
+    properties = SimpleNamespace(major=major, minor=minor, multi_processor_count=sms)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
     x = SimpleNamespace(shape=(7, B, I), is_cuda=True, device=torch.device("cuda", 0))
     weight_hh = SimpleNamespace(shape=(4 * H, H))
@@ -96,10 +105,13 @@ def test_auto_lstm_on_cuda_prefers_cudnn_where_pytorch_runs_its_persistent_algor
     assert (because is not None) == cudnn_first
     if because is not None:
         assert because.startswith(str(dtype).removeprefix("torch.") + " at these sizes: cuDNN's persistent")
-    if dtype == torch.bfloat16:  # under torch.compile the torch backend runs bfloat16 as it is
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        order, because = backend._AUTO_PREFERENCE["lstm"]["cuda"]((x, None, weight_hh, None, None, None), dtype)
-        assert order[0] == "cuda" and because is None
+    if dtype == torch.bfloat16:  # under torch.compile or CUDA graph capture it runs bfloat16 as it is
+        for module, switch in ((torch.compiler, "is_compiling"), (torch.cuda, "is_current_stream_capturing")):
+            with monkeypatch.context() as patch:
+                patch.setattr(module, switch, lambda: True)
+                order, because = backend._AUTO_PREFERENCE["lstm"]["cuda"](
+                    (x, None, weight_hh, None, None, None), dtype)
+                assert order[0] == "cuda" and because is None, switch
 
 
 @pytest.mark.gpu

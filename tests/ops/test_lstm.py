@@ -170,10 +170,14 @@ def test_custom_ops_pass_opcheck(onednn):
 # with oneDNN off so that ATen's own float16 and bfloat16 LSTMs run on any x86-64 CPU.
 @pytest.fixture
 def via_float16(monkeypatch):
-    monkeypatch.setattr(torch_native, "float16_for_bfloat16", lambda x, weight_hh: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(torch_native, "lstm_bfloat16_via_float16", lambda x, weight_hh, dtype: dtype == torch.bfloat16)
     torch_native.FLOAT16_FALLBACKS.clear()
     with torch.backends.mkldnn.flags(enabled=False):
         yield
+
+
+def _explained_lstm() -> str:
+    return next(line for line in sharnn_fast.explain().splitlines() if line.startswith("lstm:"))
 
 
 def _bf16(inputs):
@@ -198,10 +202,9 @@ def test_bfloat16_via_float16_matches_the_reference(via_float16, shape, with_sta
     got = compare_in_reduced_precision(LSTM.run("torch"), LSTM.run("reference"), inputs, torch.bfloat16)
     low = _bf16(inputs)
     LSTM.run("torch")(**low)
-    assert sharnn_fast.explain() == ("lstm: torch (requested explicitly, on cpu); cuDNN's float16 LSTM for "
-                                     "bfloat16 inputs (its persistent algorithm at these sizes; exact casts, "
-                                     "gradients scaled per call)")
-    assert all((low[k].to(torch.float16).to(torch.bfloat16) == low[k]).all() for k in low)  # exact casts
+    assert _explained_lstm() == ("lstm: torch (requested explicitly, on cpu); cuDNN's float16 LSTM for "
+                                 "bfloat16 inputs (its persistent algorithm at these sizes; exact casts, "
+                                 "gradients scaled per call)")
     with torch.no_grad():
         y, (h, c) = _eager_pairs(**{k: v.to(torch.float16) for k, v in low.items()})
     for a, b in zip(got[0], (y, h, c)):
@@ -246,6 +249,7 @@ def test_bfloat16_via_float16_falls_back_when_an_input_exceeds_float16(via_float
     assert all(torch.equal(got[1][k], expected[1][k]) for k in expected[1])
     assert torch.isfinite(got[0][0]).all()
     assert torch_native.FLOAT16_FALLBACKS == {"forward": 1}
+    assert _explained_lstm().endswith("torch.lstm in bfloat16 (the float16 route's forward exceeded float16's range)")
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="forward exceeds"):
         y, _ = LSTM.run("torch")(**inputs)  # inference too
     assert torch.equal(y, expected[0][0])
@@ -276,7 +280,8 @@ def test_bfloat16_via_float16_propagates_nan_without_falling_back(via_float16):
 
 def test_bfloat16_via_float16_gradients_only_for_inputs_that_want_them(via_float16):
     """Only x wants a gradient (frozen weights, no state): it is the float32 reference's within the
-    bf16 budget; and a second-order gradient raises instead of returning a wrong value."""
+    bf16 budget; and a second-order gradient raises instead of returning a wrong value (called
+    below ops.lstm, whose own check would raise first)."""
     inputs = lstm_inputs(4, 2, 8, 8, with_state=False)
 
     def grad_of_x(backend, dtype):
@@ -292,19 +297,108 @@ def test_bfloat16_via_float16_gradients_only_for_inputs_that_want_them(via_float
     x = inputs["x"].to(torch.bfloat16).requires_grad_(True)
     weights = [inputs[k].to(torch.bfloat16).requires_grad_(True)
                for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-    y, _ = ops.lstm(x, *weights, backend="torch")
-    with pytest.raises(RuntimeError, match="higher-order gradient"):
+    y, _ = torch_native.lstm_torch(x, *weights)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
         torch.autograd.grad(y.float().sum(), x, create_graph=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_state", [True, False])
 def test_bfloat16_via_float16_on_gpu(with_state):
-    """The route itself on CUDA, where cuDNN runs its persistent float16 LSTM (B 16, I = H = 128):
+    """The route itself on CUDA, where cuDNN runs its persistent float16 LSTM (B 16, I = H = 256):
     taken (explain), within the float16 budget of the float32 reference, no fallback."""
-    inputs = lstm_inputs(64, 16, 128, 128, device="cuda", with_state=with_state)
-    assert torch_native.float16_for_bfloat16(inputs["x"].to(torch.bfloat16), inputs["weight_hh"])
+    inputs = lstm_inputs(64, 16, 256, 256, device="cuda", with_state=with_state)
+    assert sharnn_fast.backend.lstm_bfloat16_via_float16(inputs["x"], inputs["weight_hh"], torch.bfloat16)
     torch_native.FLOAT16_FALLBACKS.clear()
     compare_in_reduced_precision(LSTM.run("torch"), LSTM.run("reference"), inputs, torch.bfloat16)
-    assert "cuDNN's float16 LSTM for bfloat16 inputs" in sharnn_fast.explain()
+    assert "cuDNN's float16 LSTM for bfloat16 inputs" in _explained_lstm()
     assert not torch_native.FLOAT16_FALLBACKS
+
+
+def _run_torch(leaves):
+    return torch_native.lstm_torch(leaves["x"], leaves["weight_ih"], leaves["weight_hh"], leaves["bias_ih"],
+                                   leaves["bias_hh"], (leaves["h0"], leaves["c0"]))
+
+
+def test_bfloat16_via_float16_checks_each_batch_column_on_its_own(via_float16, monkeypatch):
+    """A NaN in column 0 is the caller's and propagates; it must not hide float16's overflow in
+    column 1: an input x = 1e5 (inf in float16) and an output c_n beyond 65504 in the forward, a
+    gradient of x beyond 65504 in the backward (weight_ih[:, 0] = 6e4 on an input that is 0, so the
+    forward is untouched)."""
+    inputs = _bf16(lstm_inputs(5, 2, 8, 8))
+    inputs["x"][1, 0, 2] = float("nan")
+    inputs["x"][2, 1, 3] = 1e5
+    inputs["weight_ih"][:, 3] = 1e-6
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="forward exceeds"):
+        y, _ = _run_torch(inputs)
+    expected, _ = _eager_pairs(**inputs)
+    assert torch.equal(y[:, 1], expected[:, 1]) and torch.isnan(y[1:, 0]).all()
+    # The same for an output. ATen's CPU LSTM rounds the cell state to float16 at every step, so
+    # with finite inputs it cannot pass 65504 here; cuDNN may carry it in float32 from step to step
+    # (c grows by up to 1 a step). A stand-in for that: column 1's c_n is inf in float16.
+    real = torch_native._torch_lstm
+
+    def cell_state_overflows(x, weights, hx, needs_grad):
+        y, h, c = real(x, weights, hx, needs_grad)
+        if x.dtype == torch.float16:
+            c = torch.cat([c[:, :1], torch.full_like(c[:, 1:], float("inf"))], dim=1)
+        return y, h, c
+    inputs["x"][2, 1, 3] = 1
+    _, (_, expected_c) = _eager_pairs(**inputs)
+    monkeypatch.setattr(torch_native, "_torch_lstm", cell_state_overflows)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="forward exceeds"):
+        _, (_, c) = _run_torch(inputs)
+    assert torch.equal(c[0, 1], expected_c[0, 1]) and torch.isnan(c[0, 0]).all()
+    monkeypatch.setattr(torch_native, "_torch_lstm", real)
+
+    inputs = _bf16(lstm_inputs(5, 2, 8, 8))
+    inputs["x"][..., 0] = 0
+    inputs["weight_ih"][:, 0] = 6e4
+
+    def grad_of_x(run):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        y, _ = run(leaves)
+        dy = torch.ones_like(y)
+        dy[:, 0] = float("nan")
+        torch.autograd.backward([y], [dy])
+        return leaves["x"].grad
+    with pytest.warns(RuntimeWarning, match="backward exceeds"):
+        got = grad_of_x(_run_torch)
+    expected = grad_of_x(lambda leaves: _eager_pairs(**leaves))
+    assert torch_native.FLOAT16_FALLBACKS == {"forward": 2, "backward": 1}
+    assert got[:, 1].abs().max() > 65504 and torch.equal(got[:, 1], expected[:, 1])
+    assert torch.isnan(got[:, 0]).all()
+
+
+def test_bfloat16_via_float16_backward_twice_with_retain_graph(via_float16):
+    inputs = _bf16(lstm_inputs(4, 3, 8, 8))
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, (h, c) = _run_torch(leaves)
+    loss = y.float().square().sum() + c.float().sum()
+    first = torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(leaves.values()))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="second time"):  # the graph, float16 part included, is freed
+        torch.autograd.grad(loss, list(leaves.values()))
+
+
+def test_bfloat16_via_float16_under_saved_tensor_hooks(via_float16):
+    """save_on_cpu and non-reentrant checkpointing see the float16 graph's tensors too (it is built
+    under their hooks): the gradients are the same bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = _bf16(lstm_inputs(6, 3, 8, 8))
+    plain = _grads(LSTM.run("torch"), inputs)[1]
+    packed = []
+
+    def pack(t):
+        packed.append(t.dtype)
+        return t.clone()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hooked = _grads(LSTM.run("torch"), inputs)[1]
+    assert torch.float16 in packed and torch.bfloat16 not in packed
+    with torch.autograd.graph.save_on_cpu():
+        on_cpu = _grads(LSTM.run("torch"), inputs)[1]
+    checkpointed = _grads(lambda **kw: checkpoint(LSTM.run("torch"), use_reentrant=False, **kw), inputs)[1]
+    for grads in (hooked, on_cpu, checkpointed):
+        assert all(torch.equal(plain[k], grads[k]) for k in plain)

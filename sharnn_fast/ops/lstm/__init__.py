@@ -64,7 +64,9 @@ def lstm(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None, *, backend=None):
     check_same_dtype(device, x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                      bias_hh=bias_hh, h0=h0, c0=c0)
     dtype = compute_dtype(x)
-    tuning = _backend.Tuning(bucket=lambda: (pow2(T), pow2(B), I, H, hx is not None), dtype=dtype)
+    # B % 8: where it is not 0, cuDNN never takes its persistent algorithm (backend.cudnn_persistent_lstm),
+    # so a choice measured at B 16 must not be reused at B 12
+    tuning = _backend.Tuning(bucket=lambda: (pow2(T), pow2(B), B % 8 == 0, I, H, hx is not None), dtype=dtype)
     out = _backend.run("lstm", backend, IMPLEMENTATIONS, device,
                        x, weight_ih, weight_hh, bias_ih, bias_hh, hx, tuning=tuning)
     return cast_outputs(out, dtype)

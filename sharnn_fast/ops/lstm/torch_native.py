@@ -23,28 +23,35 @@ into T steps and specialises the graph to the segment length. Inside the ops:
 
 Eager calls keep calling ``torch.lstm`` directly (no custom-op dispatch, and double backward where
 ATen's CPU LSTM has it), except a **bfloat16 LSTM on CUDA at the sizes where cuDNN has its
-persistent algorithm** (float16 only; :func:`~sharnn_fast.backend.cudnn_persistent_lstm`). cuDNN's
-bfloat16 LSTM takes its standard, step-by-step algorithm, about four times slower at the paper's
-size (36.8 ms against 8.8 ms a layer, forward and backward, H200, 2026-12-04). So there the layer
-runs in float16 (:class:`_Float16ForBfloat16`), the route nn.LSTM takes under bfloat16 autocast
-(PyTorch's autocast casts every cuDNN RNN to float16), with what that route lacks added:
+persistent algorithm** for float16 and not for bfloat16
+(:func:`~sharnn_fast.backend.lstm_bfloat16_via_float16`). There cuDNN's bfloat16 LSTM takes its
+standard, step-by-step algorithm, about four times slower at the paper's size (36.8 ms against
+8.8 ms a layer, forward and backward, H200, 2026-12-04). So there the layer runs in float16
+(:class:`_Float16ForBfloat16`), the route nn.LSTM takes under bfloat16 autocast (PyTorch's autocast
+casts every cuDNN RNN to float16), with what that route lacks added:
 
 - the casts are exact in float16's normal range (2**-14 to 65504): a bfloat16 value has 8
   significant bits and float16 holds 11; smaller inputs lose bits (an absolute error below 2**-25
-  each, far under the bfloat16 rounding of any gate); cuDNN computes in float32; the outputs are
-  rounded to bfloat16 at the end;
-- the backward scales the incoming gradients by a power of two that brings their largest
-  magnitude to [1, 2) before casting them to float16, and divides the results by it in float32:
-  the backward is linear in those gradients, so nothing changes but the range, and gradients far
-  below float16's range (as small as a loss averaged over 16K tokens gives) are kept rather than
-  flushed to zero;
+  each); cuDNN computes in float32; the outputs are rounded to bfloat16 at the end;
+- the backward scales the incoming gradients by the power of two that brings their largest finite
+  magnitude to [1, 2) before casting them to float16, and divides the results by it in float32.
+  The backward is linear in those gradients, so this moves float16's range to where the gradients
+  are: gradients far below float16's own range (a loss averaged over 16K tokens gives them) keep
+  their precision instead of flushing to zero. The range is relative to the largest gradient of
+  the call: an element 2**14 times smaller loses bits, 2**24 times smaller is zero, where bfloat16
+  would keep it. Errors are therefore float16's relative to each tensor's largest element (what
+  the tests measure), not element by element;
 - where float16's range is still exceeded (an input above 65504, a gradient that grows more than
-  2**15 times through the layer), the non-finite result is caught (one device synchronisation
-  per forward and per backward) and that call runs in bfloat16 instead, with a warning; the
-  counts are in ``FLOAT16_FALLBACKS``.
+  2**15 times through the layer: weight gradients sum over all T x B positions), the lost values
+  are caught and that call runs in bfloat16 instead, with a warning; the counts are in
+  ``FLOAT16_FALLBACKS``. A batch column is checked on its own (the columns of an LSTM are
+  independent), so a NaN in one column propagates as in bfloat16 without hiding an overflow in
+  another.
 
-Values therefore match a bfloat16 computation to bfloat16 rounding. Not used under CUDA graph
-capture (the check synchronises) or torch.compile (the custom op above runs bfloat16).
+The price is a few passes over the [T, B, H] tensors (casts and finiteness checks) and one device
+synchronisation per forward and one per backward. Not used under CUDA graph capture (the checks
+synchronise) or torch.compile (the custom op above runs bfloat16). None of this has run on a GPU
+yet: the tests run ATen's CPU float16 LSTM in its place.
 """
 from __future__ import annotations
 
@@ -55,9 +62,8 @@ import weakref
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ...backend import cudnn_persistent_lstm, note_path
+from ...backend import lstm_bfloat16_via_float16, note_path
 from .._dtypes import compute_dtype, math_dtype, no_autocast
 
 _NOT_FLAT_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
@@ -92,8 +98,8 @@ def lstm_torch(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
     if torch.compiler.is_compiling():
         y, h_n, c_n = lstm_torch_fwd(x, *weights, *hx, needs_grad)
         return y, (h_n, c_n)
-    via_float16 = float16_for_bfloat16(x, weights[1])
-    note_path("lstm", lambda: _describe(x, via_float16))
+    via_float16 = lstm_bfloat16_via_float16(x, weights[1], x.dtype)
+    note_path("lstm", lambda: _describe(x.dtype, via_float16))
     if not via_float16:
         y, h_n, c_n = _torch_lstm(x, weights, hx, needs_grad)
     elif needs_grad:
@@ -103,11 +109,11 @@ def lstm_torch(x, weight_ih, weight_hh, bias_ih, bias_hh, hx=None):
     return y, (h_n, c_n)  # [T, B, H], ([1, B, H], [1, B, H])
 
 
-def _describe(x, via_float16: bool) -> str:
+def _describe(dtype: torch.dtype, via_float16: bool) -> str:
     if via_float16:
         return ("cuDNN's float16 LSTM for bfloat16 inputs (its persistent algorithm at these sizes; "
                 "exact casts, gradients scaled per call)")
-    return f"torch.lstm in {str(x.dtype).removeprefix('torch.')}"
+    return f"torch.lstm in {str(dtype).removeprefix('torch.')}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,90 +123,99 @@ def _describe(x, via_float16: bool) -> str:
 FLOAT16_FALLBACKS = collections.Counter()  # "forward" / "backward": calls that ran bfloat16 instead
 
 
-def float16_for_bfloat16(x: torch.Tensor, weight_hh: torch.Tensor) -> bool:
-    """Whether this eager torch-backend call (x [T, B, I] in its compute dtype) runs bfloat16 through
-    cuDNN's float16 LSTM: bfloat16 on CUDA where cuDNN has its persistent float16 algorithm, outside
-    CUDA graph capture (the overflow check synchronises)."""
-    return (x.dtype == torch.bfloat16 and cudnn_persistent_lstm(x, None, weight_hh, dtype=torch.float16)
-            and not torch.cuda.is_current_stream_capturing())
+def _finite_columns(tensors) -> torch.Tensor:
+    """[B] booleans on the device: batch column b of every tensor ([T or 1, B, features]) is finite.
+    Columns of an LSTM are independent: column b of y, h_n, c_n depends on column b of x, h0, c0
+    (and the weights) only, and so do those columns of their gradients."""
+    return torch.stack([torch.isfinite(t).all(dim=-1).all(dim=0) for t in tensors]).all(dim=0)
 
 
 def _all_finite(tensors) -> torch.Tensor:
-    """One boolean on the device: every element of every tensor is finite."""
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
-def _fell_back(where: str, why: str) -> None:
+def _fell_back(where: str) -> None:
     FLOAT16_FALLBACKS[where] += 1
-    warnings.warn(f"sharnn_fast: the bfloat16 LSTM's {where} {why} float16's range; this call ran "
+    note_path("lstm", lambda: f"torch.lstm in bfloat16 (the float16 route's {where} exceeded float16's range)")
+    warnings.warn(f"sharnn_fast: the bfloat16 LSTM's {where} exceeds float16's range; this call ran "
                   "cuDNN's bfloat16 LSTM instead (same values to bfloat16 rounding, slower)",
-                  RuntimeWarning, stacklevel=2)
+                  RuntimeWarning, stacklevel=3)
 
 
-def _forward_check(inputs, inputs16, outputs16) -> tuple[bool, bool]:
-    """(overflowed, inputs finite), with one synchronisation. Overflowed: float16 lost what
-    bfloat16 holds, i.e. an input beyond 65504 (it would turn inf, and a gate could saturate on it
-    silently) or a non-finite output, while every input is finite (else the output is non-finite
-    in bfloat16 too)."""
-    fits, finite = torch.stack([_all_finite(inputs16) & _all_finite(outputs16), _all_finite(inputs)]).tolist()
-    return finite and not fits, finite
+def _forward_check(inputs, inputs16, outputs16) -> tuple[bool, torch.Tensor]:
+    """Whether float16 lost what bfloat16 holds, with one synchronisation, and the [B] columns whose
+    inputs (and the weights) are all finite. Lost: an input element finite in bfloat16 and not in
+    float16 (beyond 65504; a gate could saturate on it and return a finite, wrong value), or a
+    non-finite output in a column whose inputs are all finite (a NaN elsewhere in the batch does not
+    hide it)."""
+    x, *weights, h0, c0 = inputs
+    columns = _finite_columns([x, h0, c0]) & _all_finite(weights)
+    lost_input = torch.stack([(torch.isfinite(t) & ~torch.isfinite(t16)).any() for t, t16 in zip(inputs, inputs16)])
+    lost_output = (columns & ~_finite_columns(outputs16)).any()
+    return bool(lost_input.any() | lost_output), columns
 
 
 def _float16_inference(x, weights, hx):
     inputs, inputs16 = (x, *weights, *hx), [t.to(torch.float16) for t in (x, *weights, *hx)]
     outputs = _torch_lstm(inputs16[0], inputs16[1:5], inputs16[5:], needs_grad=False)
     if _forward_check(inputs, inputs16, outputs)[0]:
-        _fell_back("forward", "exceeds")
+        _fell_back("forward")
         return _torch_lstm(x, weights, hx, needs_grad=False)
     return tuple(t.to(torch.bfloat16) for t in outputs)
 
 
 def _gradient_scale(grads) -> torch.Tensor:
-    """The power of two (float32, on the device, no synchronisation) that brings the largest
-    magnitude among ``grads`` to [1, 2); 1 where they are all zero or one is not finite."""
-    largest = torch.stack([g.abs().amax().float() for g in grads]).amax()
+    """The power of two (float32, on the device, no synchronisation) that brings the largest finite
+    magnitude among ``grads`` to [1, 2); 1 where they have no finite non-zero element."""
+    largest = torch.stack([torch.where(torch.isfinite(g), g.abs(), 0).amax().float() for g in grads]).amax()
     exponent = torch.floor(torch.log2(largest)).clamp(-126, 126)
-    usable = torch.isfinite(largest) & (largest > 0)
-    return torch.where(usable, torch.exp2(-exponent), torch.ones_like(largest))
+    return torch.where(largest > 0, torch.exp2(-exponent), torch.ones_like(largest))
 
 
 class _Float16ForBfloat16(torch.autograd.Function):
     """(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0), all bfloat16 -> (y, h_n, c_n) in
     bfloat16, computed by torch.lstm in float16 (cuDNN) with the backward's gradients scaled; see
-    the module docstring. The float16 autograd graph lives on ``ctx`` until the backward."""
+    the module docstring.
+
+    The inner float16 graph (torch.lstm's autograd node on float16 copies, holding what cuDNN's
+    backward needs) is kept through ``save_for_backward`` of its leaves and outputs, which keeps
+    their autograd history: it is freed with the saved tensors (after the backward unless
+    ``retain_graph``), and saved-tensor hooks (``save_on_cpu``, non-reentrant activation
+    checkpointing) see its tensors as they see any other, since it was built under them."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        ctx.save_for_backward(*inputs)
-        ctx.in_float16 = True
-        ctx.leaves, ctx.outputs = _graph(inputs, ctx.needs_input_grad, torch.float16)
-        overflowed, ctx.inputs_finite = _forward_check(inputs, ctx.leaves, ctx.outputs)
+        leaves, outputs = _graph(inputs, ctx.needs_input_grad, torch.float16)
+        overflowed, ctx.columns_ok = _forward_check(inputs, leaves, outputs)
+        ctx.dtype = torch.float16
         if overflowed:
-            _fell_back("forward", "exceeds")
-            ctx.in_float16 = False
-            ctx.leaves, ctx.outputs = _graph(inputs, ctx.needs_input_grad, torch.bfloat16)
-        return tuple(o.detach().to(torch.bfloat16, copy=True) for o in ctx.outputs)
+            _fell_back("forward")
+            ctx.dtype = torch.bfloat16
+            leaves, outputs = _graph(inputs, ctx.needs_input_grad, torch.bfloat16)
+        ctx.save_for_backward(*leaves, *outputs)
+        return tuple(o.detach().to(torch.bfloat16) for o in outputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_outputs):
-        leaves, outputs = ctx.leaves, ctx.outputs
-        del ctx.leaves, ctx.outputs  # the float16 graph goes with its one backward
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        if ctx.in_float16:
+        if torch.is_grad_enabled():  # create_graph=True: once_differentiable would return a constant
+            raise RuntimeError("sharnn_fast: the bfloat16 LSTM through cuDNN's float16 kernel computes "
+                               "first-order gradients only, and a higher-order gradient was asked for "
+                               "(create_graph=True); use ops.lstm(..., backend='reference')")
+        saved = ctx.saved_tensors
+        leaves, outputs = saved[:7], saved[7:]
+        if ctx.dtype == torch.bfloat16:
+            grads = _grad(leaves, outputs, grad_outputs, ctx.needs_input_grad)
+        else:
             scale = _gradient_scale(grad_outputs)
             scaled = [(g.float() * scale).to(torch.float16) for g in grad_outputs]
-            grads = [g.float() / scale for g in torch.autograd.grad(outputs, wanted, scaled)]
-            finite = torch.stack([_all_finite(grads), _all_finite(grad_outputs)]).tolist()
-            if finite == [False, True] and ctx.inputs_finite:  # else non-finite in bfloat16 too
-                _fell_back("backward", "exceeds")
-                leaves, outputs = _graph(ctx.saved_tensors, ctx.needs_input_grad, torch.bfloat16)
-                wanted = [leaf for leaf in leaves if leaf.requires_grad]
-                grads = torch.autograd.grad(outputs, wanted, grad_outputs)
-        else:
-            grads = torch.autograd.grad(outputs, wanted, grad_outputs)
-        grads = iter(grads)
-        return tuple(next(grads).to(torch.bfloat16) if leaf.requires_grad else None for leaf in leaves)
+            grads = [g if g is None else g.float() / scale
+                     for g in _grad(leaves, outputs, scaled, ctx.needs_input_grad)]
+            if _backward_lost(ctx.columns_ok, grad_outputs, grads):
+                _fell_back("backward")
+                leaves, outputs = _graph([t.to(torch.bfloat16) for t in leaves], ctx.needs_input_grad,
+                                         torch.bfloat16)
+                grads = _grad(leaves, outputs, grad_outputs, ctx.needs_input_grad)
+        return tuple(g if g is None else g.to(torch.bfloat16) for g in grads)
 
 
 def _graph(inputs, needs_grad, dtype):
@@ -210,6 +225,31 @@ def _graph(inputs, needs_grad, dtype):
         leaves = [t.detach().to(dtype).requires_grad_(wanted) for t, wanted in zip(inputs, needs_grad)]
         outputs = _torch_lstm(leaves[0], leaves[1:5], leaves[5:], needs_grad=True)
     return leaves, outputs
+
+
+def _grad(leaves, outputs, grad_outputs, needs_grad) -> list:
+    """The gradients of the leaves that need one (None for the others); the graph is kept, so that
+    a backward with ``retain_graph=True`` can run again."""
+    wanted = [leaf for leaf, need in zip(leaves, needs_grad) if need]
+    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, retain_graph=True))
+    return [next(grads) if need else None for need in needs_grad]
+
+
+def _backward_lost(columns_ok, grad_outputs, grads) -> bool:
+    """Whether the float16 backward lost what bfloat16 holds (one synchronisation): a non-finite
+    gradient of x, h0 or c0 in a column whose inputs and incoming gradients are all finite, or a
+    non-finite weight gradient while every column is (a weight gradient sums over all columns, so
+    one non-finite column makes it non-finite in bfloat16 too)."""
+    columns = columns_ok & _finite_columns(grad_outputs)
+    dx, dw, dhc = grads[0], grads[1:5], grads[5:]
+    per_column = [g for g in (dx, *dhc) if g is not None]
+    weights = [g for g in dw if g is not None]
+    lost = torch.zeros((), dtype=torch.bool, device=columns.device)
+    if per_column:
+        lost = lost | (columns & ~_finite_columns(per_column)).any()
+    if weights:
+        lost = lost | (columns.all() & ~_all_finite(weights))
+    return bool(lost)
 
 
 @functools.lru_cache(maxsize=None)
