@@ -38,7 +38,7 @@ casts every cuDNN RNN to float16), with what that route lacks added:
   The backward is linear in those gradients, so this moves float16's range to where the gradients
   are: gradients far below float16's own range (a loss averaged over 16K tokens gives them) keep
   their precision instead of flushing to zero. The range is relative to the largest gradient of
-  the call: an element 2**14 times smaller loses bits, 2**24 times smaller is zero, where bfloat16
+  the call: an element 2**14 times smaller loses bits, about 2**25 times smaller is zero, where bfloat16
   would keep it. Errors are therefore float16's relative to each tensor's largest element (what
   the tests measure), not element by element;
 - where float16's range is still exceeded (an input above 65504, a gradient that grows more than
@@ -138,7 +138,7 @@ def _fell_back(where: str) -> None:
     FLOAT16_FALLBACKS[where] += 1
     note_path("lstm", lambda: f"torch.lstm in bfloat16 (the float16 route's {where} exceeded float16's range)")
     warnings.warn(f"sharnn_fast: the bfloat16 LSTM's {where} exceeds float16's range; this call ran "
-                  "cuDNN's bfloat16 LSTM instead (same values to bfloat16 rounding, slower)",
+                  "cuDNN's bfloat16 LSTM instead (slower)",
                   RuntimeWarning, stacklevel=3)
 
 
@@ -181,7 +181,11 @@ class _Float16ForBfloat16(torch.autograd.Function):
     backward needs) is kept through ``save_for_backward`` of its leaves and outputs, which keeps
     their autograd history: it is freed with the saved tensors (after the backward unless
     ``retain_graph``), and saved-tensor hooks (``save_on_cpu``, non-reentrant activation
-    checkpointing) see its tensors as they see any other, since it was built under them."""
+    checkpointing) see its tensors as they see any other, since it was built under them. One cost:
+    non-reentrant checkpointing recomputes the region twice in the backward (once to unpack the
+    saved tensors, once more for the inner ``autograd.grad``), where a plain LSTM recomputes it
+    once. A backward that falls back rebuilds its bfloat16 inputs from the saved float16 copies
+    (the inputs the forward really used), so it runs the layer again in bfloat16."""
 
     @staticmethod
     def forward(ctx, *inputs):
