@@ -60,9 +60,10 @@ ENV_VAR = "SHARNN_FAST_BACKEND"
 def cudnn_persistent_lstm(x, weight_ih, weight_hh, *rest, dtype: torch.dtype) -> bool:
     """Whether PyTorch runs this LSTM call (x [T, B, I], weight_hh [4H, H]) with cuDNN's persistent
     algorithm, its fastest: float16 only, one layer, H <= 1024, H and I multiples of 128, and on
-    sm_80 or newer with at least 98 SMs and a minor version other than 6 (sm_86, sm_96...), B a multiple of 8 and at most 128 (PyTorch's
-    aten/src/ATen/native/cudnn/RNN.cpp, get_algo and use_persist_common/device_heuristics). Other
-    GPUs (Volta and Turing have their own rules) are left to the cuda kernel."""
+    sm_80 or newer with at least 98 SMs and a minor version other than 6 (not sm_86), B a multiple
+    of 8 and at most 128 (PyTorch's aten/src/ATen/native/cudnn/RNN.cpp, get_algo and
+    use_persist_common/device_heuristics). Other GPUs (Volta and Turing have their own rules) are
+    left to the cuda kernel."""
     B, I, H = x.shape[1], x.shape[2], weight_hh.shape[1]
     if not (dtype == torch.float16 and x.is_cuda and torch.backends.cudnn.is_available()
             and torch.backends.cudnn.enabled and H <= 1024 and H % 128 == 0 and I % 128 == 0
