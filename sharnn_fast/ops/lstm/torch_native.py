@@ -191,10 +191,8 @@ class _Float16ForBfloat16(torch.autograd.Function):
     def forward(ctx, *inputs):
         leaves, outputs = _graph(inputs, ctx.needs_input_grad, torch.float16)
         overflowed, ctx.columns_ok = _forward_check(inputs, leaves, outputs)
-        ctx.dtype = torch.float16
         if overflowed:
             _fell_back("forward")
-            ctx.dtype = torch.bfloat16
             leaves, outputs = _graph(inputs, ctx.needs_input_grad, torch.bfloat16)
         ctx.save_for_backward(*leaves, *outputs)
         return tuple(o.detach().to(torch.bfloat16) for o in outputs)
@@ -207,7 +205,7 @@ class _Float16ForBfloat16(torch.autograd.Function):
                                "(create_graph=True); use ops.lstm(..., backend='reference')")
         saved = ctx.saved_tensors
         leaves, outputs = saved[:7], saved[7:]
-        if ctx.dtype == torch.bfloat16:
+        if leaves[0].dtype == torch.bfloat16:  # the forward fell back
             grads = _grad(leaves, outputs, grad_outputs, ctx.needs_input_grad)
         else:
             scale = _gradient_scale(grad_outputs)
