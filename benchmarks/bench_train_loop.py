@@ -4,7 +4,7 @@
 cut and on the device: forward with the carried hidden state and memory, decoder, cross-entropy,
 backward, clip 0.25, LAMB, detach the state. "sharnn train loop": one turn of Trainer.advance()
 on the same segments (the same random lengths from the same seed, the same columns of the same
-corpus): drawing the length, cutting the batch from the memory-mapped corpus, the lr schedule,
+corpus): drawing the length, reading the batch from the corpus file, the lr schedule,
 the same step, the loss kept for the next log flush, the progress counter, a flush (one
 synchronisation, the NaN check, the log line) every log interval. Target: at most 3% slower.
 

@@ -1,7 +1,7 @@
 """Training, evaluation and data preparation: what ``sharnn train``, ``sharnn eval`` and
 ``sharnn prepare`` run (the SHA-RNN paper's enwik8 recipe).
 
-- :mod:`.data`: prepare splits, the embedded default corpus, memory-mapped batches.
+- :mod:`.data`: prepare splits, the embedded default corpus, batches read from disk.
 - :mod:`.optim`: LAMB (the published "minimum trust" form), AdamW, SGD, the learning-rate schedule.
 - :mod:`.loop`: the training loop, and the bodies of ``sharnn train`` and ``sharnn eval``.
 - :mod:`.evaluation`: bits per byte of a split, state carried across it (the one scoring loop).

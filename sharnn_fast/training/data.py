@@ -1,9 +1,10 @@
 """Byte-level corpora: preparing train/valid/test splits, the embedded default corpus, and
-memory-mapped byte streams cut into [T, B] batches.
+byte streams cut into [T, B] batches.
 
-Every corpus is read as raw bytes (tokens 0..255), as enwik8 is in the paper. Splits on disk are
-memory-mapped (``torch.from_file``), and batches are views of them until the few bytes of one
-segment are copied to the device, so the corpus is never copied per batch.
+Every corpus is read as raw bytes (tokens 0..255), as enwik8 is in the paper. Splits stay on disk
+(:class:`FileBytes`): each batch reads its (T + 1) * B bytes with ``pread``, so the corpus is
+never loaded whole, and a data file truncated during a run stops it with a message (a memory
+mapping would die of SIGBUS).
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import stat
 import sys
 import time
 import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 import torch
 
@@ -228,49 +230,109 @@ def _write_splits(source, src, sizes, out_dir: Path, enwik8: bool, fractions) ->
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading: memory-mapped splits
+# Loading: splits read from disk
 
 
 @dataclass
 class Corpus:
-    """The three splits of a corpus, each a uint8 tensor [n] (memory-mapped where it is on disk).
+    """The three splits of a corpus, each a :class:`FileBytes` (a byte range of a file on disk).
     ``digests``: {split: {"bytes": n, "sha256": hex}}, hashed once when loaded (prepared splits are
-    checked against their meta.json); ``watches``: {split: FileWatch} of the file each split is
-    mapped from."""
+    checked against their meta.json)."""
     splits: dict
     description: str
     digests: dict = None
-    watches: dict = None
 
 
-class FileWatch:
-    """A mapped file's size and modification time when it was opened. Reading a mapped page past
-    the end of a file truncated since kills the process with SIGBUS, so readers call
-    :meth:`check` (one stat) before touching the mapping, and stop with a message instead."""
+class _OpenFile:
+    """One open data file, shared by the ranges cut from it, with its size and modification time
+    when it was opened: a change during a run stops it with a message."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as err:
+            raise UserInputError(f"cannot read the data file {self.path} ({err.strerror})") from None
+        weakref.finalize(self, os.close, self.fd)
         self.stat = self._now()
 
     def _now(self):
-        st = os.stat(self.path)
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
         return st.st_size, st.st_mtime_ns
 
     def check(self) -> None:
-        try:
-            now = self._now()
-        except OSError:
-            now = None
+        """Raise UserInputError if the file was removed, resized or rewritten since it was opened."""
+        now = self._now()
         if now != self.stat:
-            what = ("was removed" if now is None else f"now holds {now[0]:,} bytes, not {self.stat[0]:,}"
-                    if now[0] != self.stat[0] else "was modified")
-            raise UserInputError(f"the data file {self.path} changed during the run ({what}): stopped; the "
-                                 f"checkpoints saved so far are intact")
+            self.changed(now)
+
+    def changed(self, now=None) -> NoReturn:
+        """Raise the UserInputError that says how the file changed."""
+        now = self._now() if now is None else now
+        what = ("was removed" if now is None else f"now holds {now[0]:,} bytes, not {self.stat[0]:,}"
+                if now[0] != self.stat[0] else "was modified")
+        raise UserInputError(f"the data file {self.path} changed during the run ({what}): stopped; the "
+                             f"checkpoints saved so far are intact")
 
 
-def sha256_of(data: torch.Tensor) -> str:
-    """The sha256 of a uint8 tensor's bytes (a memory-mapped split is read once, not copied)."""
-    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
+class FileBytes:
+    """Bytes ``offset .. offset + size - 1`` of a file, read on demand with ``pread``.
+
+    The corpus is never loaded whole (enwik9 is 1 GB per process) and never memory-mapped: reading
+    a mapped page of a file truncated since kills the process with SIGBUS, with no message and no
+    way to catch it. A read here that comes back short, or a file whose size or modification time
+    changed, raises UserInputError naming the file instead; the checkpoints already saved stay good.
+    """
+
+    def __init__(self, path, offset: int = 0, size: Optional[int] = None, *, _file: Optional[_OpenFile] = None):
+        self.file = _file or _OpenFile(path)
+        self.offset = offset
+        self.size = self.file.stat[0] - offset if size is None else size
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def __len__(self) -> int:
+        return self.size
+
+    def narrow(self, start: int, size: int) -> "FileBytes":
+        """Bytes ``start .. start + size - 1`` of this range (no read)."""
+        if not (0 <= start and 0 <= size and start + size <= self.size):
+            raise ValueError(f"range {start} + {size} is outside {self.size} bytes")
+        return FileBytes(self.path, self.offset + start, size, _file=self.file)
+
+    def read_rows(self, start: int, stride: int, rows: int, width: int) -> torch.Tensor:
+        """uint8 [rows, width]: row r holds bytes ``start + r * stride`` .. ``+ width - 1`` of this
+        range. Raises UserInputError if the file changed since it was opened."""
+        if not (rows >= 0 and width >= 0 and start >= 0
+                and (rows == 0 or start + (rows - 1) * stride + width <= self.size)):
+            raise ValueError(f"rows {rows} x {width} from {start} (stride {stride}) are outside {self.size} bytes")
+        self.file.check()
+        out = torch.empty(rows, width, dtype=torch.uint8)
+        buffer = memoryview(out.numpy()).cast("B")
+        for r in range(rows):
+            row, at = buffer[r * width:(r + 1) * width], self.offset + start + r * stride
+            while len(row):
+                got = os.preadv(self.file.fd, [row], at)
+                if got == 0:  # end of file: truncated between the check and the read
+                    self.file.changed()
+                row, at = row[got:], at + got
+        return out
+
+    def read(self) -> bytes:
+        """All the bytes of this range (for tests and small ranges)."""
+        return bytes(self.read_rows(0, 0, 1, self.size).numpy()) if self.size else b""
+
+    def sha256(self) -> str:
+        """The sha256 of this range's bytes, read in chunks of CHUNK_BYTES."""
+        digest = hashlib.sha256()
+        for start in range(0, self.size, CHUNK_BYTES):
+            digest.update(self.read_rows(start, 0, 1, min(CHUNK_BYTES, self.size - start)).numpy())
+        return digest.hexdigest()
 
 
 def check_same_data(saved: dict, digests: dict, path) -> None:
@@ -285,12 +347,6 @@ def check_same_data(saved: dict, digests: dict, path) -> None:
                      f"{theirs['sha256'][:12]}... then, {ours['sha256'][:12]}... now")
         raise UserInputError(f"the {split} split is not the data checkpoint {path} was trained on ({what}): "
                              f"resume with the same --data, or start a new run")
-
-
-def _map_bytes(path: Path, size: int) -> torch.Tensor:
-    """A read-only view of the file's bytes, mapped, not read: uint8 [size]."""
-    # shared=False maps the file privately: pages are loaded on demand and nothing is written back.
-    return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
 
 
 def load_corpus(path=None, fractions: Optional[tuple] = None) -> Corpus:
@@ -323,13 +379,11 @@ def _split_file(path: Path, fractions, description: str) -> Corpus:
     src = _open_source(path)
     enwik8 = src.is_enwik8
     sizes = split_sizes(src.size, fractions, enwik8)
-    watch = FileWatch(path)
-    data = _map_bytes(path, src.size)
+    data = FileBytes(path, 0, src.size)
     starts = (0, sizes[0], sizes[0] + sizes[1])
-    splits = {name: data.narrow(0, start, size) for name, start, size in zip(SPLITS, starts, sizes)}
-    digests = {name: dict(bytes=split.numel(), sha256=sha256_of(split)) for name, split in splits.items()}
-    return Corpus(splits, f"{description}, split {_split_rule(sizes, enwik8, fractions)}", digests,
-                  dict.fromkeys(SPLITS, watch))
+    splits = {name: data.narrow(start, size) for name, start, size in zip(SPLITS, starts, sizes)}
+    digests = {name: dict(bytes=len(split), sha256=split.sha256()) for name, split in splits.items()}
+    return Corpus(splits, f"{description}, split {_split_rule(sizes, enwik8, fractions)}", digests)
 
 
 def _check_meta_entry(meta_path: Path, name: str, entry) -> None:
@@ -365,7 +419,7 @@ def _load_prepared(folder: Path) -> Corpus:
         raise UserInputError(f"{meta_path} is not a meta.json written by `sharnn prepare` ({err})") from None
     for name, entry in entries.items():
         _check_meta_entry(meta_path, name, entry)
-    splits, digests, watches = {}, {}, {}
+    splits, digests = {}, {}
     for name, entry in entries.items():
         file = folder / entry["file"]
         size = file.stat().st_size if file.is_file() else None
@@ -375,13 +429,12 @@ def _load_prepared(folder: Path) -> Corpus:
                                  f"prepare the folder again")
         if size == 0:
             raise UserInputError(f"{file} is empty")
-        watches[name] = FileWatch(file)
-        splits[name] = _map_bytes(file, size)
-        digests[name] = dict(bytes=size, sha256=sha256_of(splits[name]))
+        splits[name] = FileBytes(file, 0, size)
+        digests[name] = dict(bytes=size, sha256=splits[name].sha256())
         if entry.get("sha256") not in (None, digests[name]["sha256"]):
             raise UserInputError(f"{file} does not match the sha256 in {meta_path} (same size, other content): "
                                  f"it changed after `sharnn prepare`; prepare the folder again")
-    return Corpus(splits, f"{folder} ({meta.get('split_rule', 'prepared')})", digests, watches)
+    return Corpus(splits, f"{folder} ({meta.get('split_rule', 'prepared')})", digests)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,17 +521,17 @@ class BatchStream:
     ranks together (``sharnn eval``: the same columns, so the same bytes, however many processes
     run; rank r reads r * batch_size // world_size up to (r + 1) * batch_size // world_size).
 
-    ``segment(position, seq_len)`` returns inputs x and targets y, each [T, B] torch.long on the
-    device, with T = min(seq_len, length - 1 - position) and y the next byte of x. Only those
-    (T + 1) * B bytes are copied; everything else stays a view of the (memory-mapped) split.
+    ``data`` is a :class:`FileBytes` (a split on disk, as :func:`load_corpus` gives) or a uint8
+    tensor [n] in memory. ``segment(position, seq_len)`` returns inputs x and targets y, each [T, B]
+    torch.long on the device, with T = min(seq_len, length - 1 - position) and y the next byte of
+    x. Only those (T + 1) * B bytes are read; the corpus is never loaded whole.
 
     Raises UserInputError: the split is too short for the columns; with ``shared``, fewer columns
-    than ranks.
+    than ranks; from ``segment``, a data file that changed during the run.
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 split: str = "train", min_length: int = 2, watch: Optional[FileWatch] = None,
-                 shared: bool = False):
+    def __init__(self, data, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 split: str = "train", min_length: int = 2, shared: bool = False):
         if shared:
             if batch_size < world_size:
                 raise UserInputError(f"--batch-size {batch_size} counts the columns of all processes, and "
@@ -487,17 +540,16 @@ class BatchStream:
             columns, first, end = batch_size, rank * batch_size // world_size, (rank + 1) * batch_size // world_size
         else:
             columns, first, end = batch_size * world_size, rank * batch_size, (rank + 1) * batch_size
-        self.length = data.numel() // columns  # bytes per column
+        self.length = len(data) // columns  # bytes per column
         if self.length < min_length:
             need = columns * min_length
-            raise UserInputError(f"the {split} split has {data.numel():,} bytes, too short for "
+            raise UserInputError(f"the {split} split has {len(data):,} bytes, too short for "
                                  f"{columns} columns (all processes together) of at least {min_length} "
                                  f"bytes each (bptt + 1 when training): it needs at least {need:,} "
                                  f"bytes; use a smaller batch size or bptt, or more data")
-        grid = data.narrow(0, 0, self.length * columns).view(columns, self.length)  # [columns, L] view
-        self.grid = grid.narrow(0, first, end - first)  # [B, L] view: this rank's columns
-        self.batch_size = end - first
-        self.watch = watch
+        self.data, self.first, self.batch_size = data, first, end - first
+        if not isinstance(data, FileBytes):  # in memory: [B, L], this rank's columns
+            self.grid = data[:self.length * columns].reshape(columns, self.length)[first:end]
 
     @property
     def predictions_per_column(self) -> int:
@@ -507,8 +559,10 @@ class BatchStream:
         seq_len = min(seq_len, self.length - 1 - position)
         if seq_len < 1:
             raise ValueError(f"position {position} is past the end of the stream ({self.length} bytes per column)")
-        if self.watch is not None:
-            self.watch.check()  # before touching the mapping: a truncated file would be SIGBUS
-        block = self.grid.narrow(1, position, seq_len + 1)  # [B, T + 1] view
-        block = block.to(device=device, dtype=torch.long, non_blocking=True).t().contiguous()  # [T + 1, B]
+        start = self.first * self.length + position  # column j starts j * length bytes further on
+        if isinstance(self.data, FileBytes):
+            block = self.data.read_rows(start, self.length, self.batch_size, seq_len + 1)  # [B, T + 1]
+        else:
+            block = self.grid.narrow(1, position, seq_len + 1)
+        block = block.to(device=device, dtype=torch.long).t().contiguous()  # [T + 1, B]
         return block[:-1], block[1:]

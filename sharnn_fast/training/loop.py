@@ -184,10 +184,9 @@ class Trainer:
             check_same_data(resume["data"], corpus.digests, resume_path)
         self.data_description, self.data_digests = corpus.description, corpus.digests
         self.train_stream = BatchStream(corpus.splits["train"], c.batch_size, rank=ctx.rank,
-                                        world_size=ctx.world_size, split="train", min_length=c.bptt + 1,
-                                        watch=corpus.watches["train"])
+                                        world_size=ctx.world_size, split="train", min_length=c.bptt + 1)
         self.eval_streams = {split: BatchStream(corpus.splits[split], c.eval_batch_size, rank=ctx.rank,
-                                                world_size=ctx.world_size, split=split, watch=corpus.watches[split])
+                                                world_size=ctx.world_size, split=split)
                              for split in ("valid", "test")}
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
@@ -811,7 +810,7 @@ def evaluate_checkpoint(path, *, data=None, split: str = "valid", batch_size: in
 
         def columns_of(name):
             return BatchStream(corpus.splits[name], batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                               split=name, watch=corpus.watches[name], shared=True)
+                               split=name, shared=True)
         stream = columns_of(split)
         model = model_from_checkpoint(payload, path, ctx.device, backend)
         static = score_segments(model, stream, bptt=config.bptt, precision=precision, ctx=ctx,

@@ -1,4 +1,4 @@
-"""Data preparation, the embedded corpus, memory-mapped splits and batches."""
+"""Data preparation, the embedded corpus, splits read from disk and batches."""
 import hashlib
 import json
 import zipfile
@@ -6,8 +6,8 @@ import zipfile
 import pytest
 import torch
 
-from sharnn_fast.training.data import (BatchStream, ENWIK8_BYTES, default_corpus_file, load_corpus, prepare,
-                                       parse_split)
+from sharnn_fast.training.data import (BatchStream, ENWIK8_BYTES, FileBytes, _OpenFile, default_corpus_file,
+                                       load_corpus, parse_split, prepare)
 from sharnn_fast.training.errors import UserInputError
 
 
@@ -21,7 +21,7 @@ def test_prepare_a_file_splits_90_5_5_and_records_sizes_and_sha256(tmp_path, cor
         assert entry["sha256"] == hashlib.sha256((tmp_path / "out" / entry["file"]).read_bytes()).hexdigest()
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
     corpus = load_corpus(tmp_path / "out")
-    assert bytes(corpus.splits["valid"].tolist()) == data[27_000:28_500]
+    assert corpus.splits["valid"].read() == data[27_000:28_500]
 
 
 def test_prepare_a_folder_and_a_zip_with_a_custom_split(tmp_path):
@@ -44,7 +44,7 @@ def test_enwik8_is_recognised_by_size_and_gets_the_papers_split(tmp_path):
     with open(enwik8, "wb") as f:
         f.truncate(ENWIK8_BYTES)  # sparse: no 100 MB written
     splits = load_corpus(enwik8).splits
-    assert [splits[s].numel() for s in ("train", "valid", "test")] == [90_000_000, 5_000_000, 5_000_000]
+    assert [len(splits[s]) for s in ("train", "valid", "test")] == [90_000_000, 5_000_000, 5_000_000]
     named = tmp_path / "enwik8"
     named.write_bytes(b"x" * 1000)
     with pytest.raises(UserInputError, match="named like enwik8 but holds 1,000 bytes"):
@@ -74,18 +74,46 @@ def test_prepared_folder_with_a_changed_file_is_refused(tmp_path, corpus_file):
         load_corpus(tmp_path / "out")
 
 
-def test_batches_are_views_of_the_mapped_split_and_ranks_take_their_columns(tmp_path):
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_batches_read_their_columns_and_ranks_take_theirs(tmp_path, where):
     data = torch.arange(103, dtype=torch.int64).to(torch.uint8)  # 103 bytes -> 4 columns of 25
     (tmp_path / "d.bin").write_bytes(bytes(data.tolist()))
-    mapped = load_corpus(tmp_path / "d.bin", (0.98, 0.01, 0.01)).splits["train"]  # 100 bytes
-    whole = BatchStream(mapped, 4)
-    assert whole.grid.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr()  # no copy
+    split = load_corpus(tmp_path / "d.bin", (0.98, 0.01, 0.01)).splits["train"]  # 100 bytes
+    assert isinstance(split, FileBytes) and split.read() == bytes(range(100))
+    if where == "memory":
+        split = data[:100]
+    whole = BatchStream(split, 4)
     x, y = whole.segment(3, 5, "cpu")
     assert x.shape == (5, 4) and x.dtype == torch.long
     assert x[:, 2].tolist() == list(range(53, 58)) and y[:, 2].tolist() == list(range(54, 59))
+    assert x[:, 0].tolist() == list(range(3, 8)) and x[:, 3].tolist() == list(range(78, 83))
     assert whole.segment(20, 10, "cpu")[0].shape == (4, 4)  # cut at the column's end
-    rank1 = BatchStream(mapped, 2, rank=1, world_size=2)
+    rank1 = BatchStream(split, 2, rank=1, world_size=2)
     assert torch.equal(rank1.segment(3, 5, "cpu")[0], x[:, 2:])
+
+
+def test_a_file_truncated_between_the_check_and_the_read_raises(tmp_path, monkeypatch):
+    """The stat check before a read cannot close the race on its own: a read that comes back short
+    must raise too (a memory mapping here was SIGBUS, exit 135, no message)."""
+    (tmp_path / "d.bin").write_bytes(bytes(range(100)) * 10)
+    stream = BatchStream(load_corpus(tmp_path / "d.bin").splits["train"], 4)
+    assert stream.segment(200, 10, "cpu")[0].shape == (10, 4)
+    monkeypatch.setattr(_OpenFile, "check", lambda self: None)  # as if truncated just after the check
+    with open(tmp_path / "d.bin", "r+b") as handle:
+        handle.truncate(300)
+    with pytest.raises(UserInputError, match=r"the data file .*d.bin changed during the run \(now holds 300 "
+                                             r"bytes, not 1,000\)"):
+        stream.segment(200, 10, "cpu")
+
+
+def test_an_unreadable_data_file_gets_one_line(tmp_path, monkeypatch):
+    (tmp_path / "d.bin").write_bytes(bytes(1000))
+
+    def refuse(path, flags):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("sharnn_fast.training.data.os.open", refuse)
+    with pytest.raises(UserInputError, match=r"cannot read the data file .*d.bin \(Permission denied\)"):
+        load_corpus(tmp_path / "d.bin")
 
 
 def test_too_short_for_the_batch_and_bptt(tmp_path):
